@@ -1,0 +1,76 @@
+"""``hosfl``: run | eval | replay. Argument parsing only; the work is in run.py and replay.py.
+
+Every user error (bad config, missing data, corrupt checkpoint) is one line on stderr and exit
+code 2; nothing already on disk is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hosfl.checkpoint import CheckpointError
+from hosfl.config import Config, ConfigError
+from hosfl.data.fashion_mnist import DataError
+from hosfl.protocol import ProtocolError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ProtocolError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hosfl", description="Hybrid-Order Split Federated Learning."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="train one method on one task, in-process",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with HO-SFL (default) or a baseline and write a run folder.\n\n"
+        "settings (key=value, after any --config file):\n" + "\n".join(Config.help_lines()),
+        epilog="example: hosfl run steps=300 seed=7 out=runs/a",
+    )
+    run.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="override one setting")
+    ev = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    ev.add_argument("checkpoint", help="a checkpoint.pt written by hosfl run")
+    rp = sub.add_parser(
+        "replay",
+        help="rebuild a run's client model from its (seeds, v̄) history and check it",
+        description="Replay RUN/history.jsonl from RUN/client_init.pt and compare the result "
+        "with the client weights in RUN/checkpoint.pt, bit for bit.",
+    )
+    rp.add_argument("run_folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from hosfl.run import run, summary_table
+
+            result = run(Config.load(args.config, args.overrides))
+            print(summary_table(result))
+        elif args.command == "eval":
+            from hosfl.run import evaluate_checkpoint
+
+            acc, loss, steps = evaluate_checkpoint(args.checkpoint)
+            print(f"{args.checkpoint}: step {steps}, test accuracy {acc:.4f}, loss {loss:.4f}")
+        elif args.command == "replay":
+            from hosfl.replay import replay_run
+
+            report = replay_run(args.run_folder)
+            print(report.describe())
+            return 0 if report.identical else 1
+    except USER_ERRORS as e:
+        print(f"hosfl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hosfl: interrupted; the run folder keeps the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

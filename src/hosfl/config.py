@@ -1,0 +1,155 @@
+"""Typed run configuration: one dataclass, loaded from TOML and ``key=value`` overrides.
+
+Every field carries its help text (``hosfl run --help`` prints them) and is checked in
+``Config.validate``; a bad value raises ``ConfigError`` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type or out-of-range value."""
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+METHODS = ("hosfl", "sfl-v1")
+OPTIMIZERS = ("sgd", "adam")
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+@dataclass
+class Config:
+    method: str = _f("hosfl", f"training method: {', '.join(METHODS)}")
+    task: str = _f("fmnist-cnn", "task (dataset + model + cut points)")
+    clients: int = _f(10, "number of clients M")
+    sampled: int = _f(3, "clients sampled per step K (1 <= K <= M)")
+    batch_size: int = _f(32, "mini-batch size per sampled client")
+    steps: int = _f(1500, "number of steps (aggregations)")
+    P: int = _f(5, "zeroth-order probes per step (shared seeds)")
+    mu: float = _f(1e-3, "perturbation scale of the probes")
+    client_optimizer: str = _f("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}")
+    client_lr: float = _f(0.02, "client learning rate")
+    server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
+    server_lr: float = _f(0.05, "server learning rate")
+    momentum: float = _f(0.0, "SGD momentum, client and server")
+    cut: str = _f("conv2", "cut point: the last layer the client holds")
+    partition: str = _f("iid", f"data partition: {', '.join(PARTITIONS)}")
+    alpha: float = _f(0.5, "Dirichlet concentration (partition=dirichlet)")
+    shards_per_client: int = _f(2, "label shards per client (partition=shards)")
+    train_subset: int = _f(0, "use only the first N training images (0: all)")
+    test_subset: int = _f(0, "evaluate on the first N test images (0: all)")
+    seed: int = _f(0, "seed of everything: model init, partition, sampling, probes")
+    eval_every: int = _f(250, "evaluate on the test set every N steps (0: only at the end)")
+    out: str = _f("", "run folder (empty: runs/<method>-<time>)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> Config:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("clients", "sampled", "batch_size", "steps", "P", "shards_per_client"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        if self.sampled > self.clients:
+            raise bad("sampled", f"cannot sample more clients than clients={self.clients}")
+        for key in ("mu", "alpha"):
+            if not (getattr(self, key) > 0 and getattr(self, key) < float("inf")):
+                raise bad(key, "must be a finite number > 0")
+        for key in ("client_lr", "server_lr"):
+            if not (getattr(self, key) >= 0 and getattr(self, key) < float("inf")):
+                raise bad(key, "must be a finite number >= 0")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "must be in [0, 1)")
+        for key in ("train_subset", "test_subset", "eval_every", "seed"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be >= 0")
+        if self.seed >= 2**32:
+            raise bad("seed", "must be < 2**32")
+        choices = {
+            "method": METHODS,
+            "client_optimizer": OPTIMIZERS,
+            "server_optimizer": OPTIMIZERS,
+            "partition": PARTITIONS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"must be one of {', '.join(allowed)}")
+        return self
+
+    # --- loading -------------------------------------------------------------------------
+    @classmethod
+    def help_lines(cls) -> list[str]:
+        return [
+            f"  {f.name:<18} {f.metadata['help']} (default: {f.default!r})" for f in fields(cls)
+        ]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {key!r} (valid: {', '.join(known)})")
+            kwargs[key] = _coerce(key, known[key].type, value)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+        """Defaults, then the TOML file, then ``key=value`` overrides; validated."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                values = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist") from None
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            values[key.strip()] = value.strip()
+        return cls.from_dict(values, source=str(path) if path else "overrides").validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.to_dict().items())
+
+
+def _coerce(key: str, type_name: str, value: Any) -> Any:
+    """Turn a TOML value or an override string into the field's type, or raise."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[type_name]
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        try:
+            if kind is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text in ("true", "1", "yes")
+            if kind is int:
+                number = float(text)
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected {type_name}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r}: expected {type_name}")
+    return value

@@ -1,0 +1,31 @@
+"""Bytes that really crossed the network, by direction and payload type.
+
+Engines call ``record`` with every message they deliver; sizes come from the message itself
+(``Message.payload_bytes``), which equals the length of its encoding.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hosfl.protocol import Message
+
+UP, DOWN = "up", "down"
+
+
+class ByteLedger:
+    def __init__(self) -> None:
+        self.bytes: dict[str, Counter[str]] = {UP: Counter(), DOWN: Counter()}
+        self.messages: dict[str, Counter[str]] = {UP: Counter(), DOWN: Counter()}
+
+    def record(self, direction: str, msg: Message, copies: int = 1) -> None:
+        for payload, n in msg.payload_bytes().items():
+            self.bytes[direction][payload] += n * copies
+        self.messages[direction][type(msg).__name__] += copies
+
+    def total(self, direction: str | None = None) -> int:
+        dirs = (direction,) if direction else (UP, DOWN)
+        return sum(sum(self.bytes[d].values()) for d in dirs)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {d: dict(sorted(c.items())) for d, c in self.bytes.items()}

@@ -1,0 +1,219 @@
+"""The typed messages that cross between client and server, and their wire format.
+
+A message is a frozen dataclass of integers and tensors. ``encode`` writes it as
+
+    b"HSFL" | u8 version | u8 type | header | raw tensor bytes
+
+where the header holds, field by field, an i64 for an integer field and (u8 dtype, u8 rank,
+u32 × rank dims) for a tensor field, all little-endian. ``decode`` reads it back without ever
+unpickling, checking every field against the message's declared schema (dtype, rank, finite
+values) and the byte count against the shapes. ``payload_bytes`` gives the exact size of
+an encoded message split by payload type; the byte ledger is built from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+MAGIC = b"HSFL"
+VERSION = 1
+_PREFIX = struct.Struct("<4sBB")
+_INT = struct.Struct("<q")
+_TENSOR = struct.Struct("<BB")
+_DIM = struct.Struct("<I")
+_MAX_RANK = 8
+FRAMING = "framing"
+
+_DTYPES = {1: torch.float32, 2: torch.int64, 3: torch.int32}
+_NUMPY = {torch.float32: "<f4", torch.int64: "<i8", torch.int32: "<i4"}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, of the wrong shape or type, or carries non-finite values."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Schema of one tensor field: its payload type (for the ledger), dtype and rank."""
+
+    payload: str
+    dtype: torch.dtype
+    ndim: int | None = None  # None: any rank
+
+
+class Message:
+    """Base of all messages: subclasses are frozen dataclasses with a ``SCHEMA``."""
+
+    TYPE_ID: ClassVar[int]
+    SCHEMA: ClassVar[dict[str, Tensor]]
+    _registry: ClassVar[dict[int, type[Message]]] = {}
+
+    def __init_subclass__(cls, type_id: int, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        if type_id in Message._registry:
+            raise TypeError(f"message type id {type_id} used twice")
+        cls.TYPE_ID = type_id
+        Message._registry[type_id] = cls
+
+    def _header(self) -> bytes:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.SCHEMA:
+                parts.append(_TENSOR.pack(_CODES[value.dtype], value.dim()))
+                parts.extend(_DIM.pack(d) for d in value.shape)
+            else:
+                parts.append(_INT.pack(int(value)))
+        return b"".join(parts)
+
+    def payload_bytes(self) -> dict[str, int]:
+        """Exact encoded size by payload type; the sum equals ``len(encode(self))``."""
+        framing = _PREFIX.size
+        for f in dataclasses.fields(self):
+            spec = self.SCHEMA.get(f.name)
+            rank = getattr(self, f.name).dim() if spec else 0
+            framing += _TENSOR.size + _DIM.size * rank if spec else _INT.size
+        sizes = {FRAMING: framing}
+        for name, spec in self.SCHEMA.items():
+            t = getattr(self, name)
+            sizes[spec.payload] = sizes.get(spec.payload, 0) + t.numel() * t.element_size()
+        return sizes
+
+    def nbytes(self) -> int:
+        return sum(self.payload_bytes().values())
+
+    def validate(self) -> None:
+        """Raise ProtocolError unless every tensor matches the schema and is finite."""
+        for name, spec in self.SCHEMA.items():
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise ProtocolError(f"{type(self).__name__}.{name} is not a tensor")
+            if t.dtype != spec.dtype:
+                raise ProtocolError(
+                    f"{type(self).__name__}.{name}: dtype {t.dtype}, expected {spec.dtype}"
+                )
+            if spec.ndim is not None and t.dim() != spec.ndim:
+                raise ProtocolError(
+                    f"{type(self).__name__}.{name}: {t.dim()} dimensions, expected {spec.ndim}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ProtocolError(f"{type(self).__name__}.{name} has NaN or infinite values")
+
+
+def encode(msg: Message) -> bytes:
+    parts = [_PREFIX.pack(MAGIC, VERSION, msg.TYPE_ID), msg._header()]
+    for name in msg.SCHEMA:
+        t = getattr(msg, name).detach().cpu()
+        parts.append(t.numpy().astype(_NUMPY[t.dtype], copy=False).tobytes())
+    return b"".join(parts)
+
+
+def decode(data: bytes) -> Message:
+    """Parse and validate one message; raises ProtocolError, never executes anything."""
+    if len(data) < _PREFIX.size:
+        raise ProtocolError(f"message of {len(data)} bytes is shorter than its prefix")
+    magic, version, type_id = _PREFIX.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"not a hosfl v{VERSION} message (magic {magic!r}, v{version})")
+    cls = Message._registry.get(type_id)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_id}")
+    offset = _PREFIX.size
+    values: dict[str, object] = {}
+    shapes: dict[str, tuple[torch.dtype, list[int]]] = {}
+    try:
+        for f in dataclasses.fields(cls):
+            if f.name not in cls.SCHEMA:
+                (values[f.name],) = _INT.unpack_from(data, offset)
+                offset += _INT.size
+                continue
+            code, rank = _TENSOR.unpack_from(data, offset)
+            offset += _TENSOR.size
+            if code not in _DTYPES or rank > _MAX_RANK:
+                raise ProtocolError(f"{cls.__name__}.{f.name}: dtype code {code}, rank {rank}")
+            dims = [_DIM.unpack_from(data, offset + _DIM.size * i)[0] for i in range(rank)]
+            offset += _DIM.size * rank
+            shapes[f.name] = (_DTYPES[code], dims)
+    except struct.error:
+        raise ProtocolError(f"{cls.__name__}: header truncated ({len(data)} bytes)") from None
+    for name, (dtype, dims) in shapes.items():
+        count = math.prod(dims)
+        size = count * np.dtype(_NUMPY[dtype]).itemsize
+        if offset + size > len(data):
+            raise ProtocolError(f"{cls.__name__}.{name}: truncated ({len(data)} bytes)")
+        array = np.frombuffer(data, dtype=_NUMPY[dtype], count=count, offset=offset)
+        values[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="))).reshape(dims)
+        offset += size
+    if offset != len(data):
+        raise ProtocolError(f"{cls.__name__}: {len(data) - offset} trailing bytes")
+    msg = cls(**values)
+    msg.validate()
+    return msg
+
+
+# --- the messages -------------------------------------------------------------------------
+F32, I64, I32 = torch.float32, torch.int64, torch.int32
+
+
+@dataclass(frozen=True)
+class StepPlan(Message, type_id=1):
+    """Server -> sampled client: take part in ``step`` with these probe seeds."""
+
+    step: int
+    seeds: torch.Tensor
+    SCHEMA: ClassVar = {"seeds": Tensor("seeds", I32, 1)}
+
+
+@dataclass(frozen=True)
+class SmashedData(Message, type_id=2):
+    """Client -> server: cut-layer output z = f_c(x; θ_c) and the labels of the batch."""
+
+    step: int
+    z: torch.Tensor
+    y: torch.Tensor
+    SCHEMA: ClassVar = {"z": Tensor("smashed", F32), "y": Tensor("labels", I64, 1)}
+
+
+@dataclass(frozen=True)
+class CutGradient(Message, type_id=3):
+    """Server -> client: λ = ∂ℓ/∂z for the client's own smashed data."""
+
+    step: int
+    lam: torch.Tensor
+    SCHEMA: ClassVar = {"lam": Tensor("lambda", F32)}
+
+
+@dataclass(frozen=True)
+class ProbeScalars(Message, type_id=4):
+    """Client -> server: v_p = λᵀ (f_c(x; θ_c + μ u_p) − z) for p = 1..P."""
+
+    step: int
+    values: torch.Tensor
+    SCHEMA: ClassVar = {"values": Tensor("scalars", F32, 1)}
+
+
+@dataclass(frozen=True)
+class ScalarBroadcast(Message, type_id=5):
+    """Server -> every client: the step's seeds and averaged scalars v̄; all clients update."""
+
+    step: int
+    seeds: torch.Tensor
+    values: torch.Tensor
+    SCHEMA: ClassVar = {"seeds": Tensor("seeds", I32, 1), "values": Tensor("scalars", F32, 1)}
+
+
+@dataclass(frozen=True)
+class ModelWeights(Message, type_id=6):
+    """Whole client model as one flat float32 vector (first-order SplitFed sync, both ways)."""
+
+    step: int
+    weights: torch.Tensor
+    SCHEMA: ClassVar = {"weights": Tensor("weights", F32, 1)}

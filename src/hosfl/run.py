@@ -1,0 +1,230 @@
+"""The driver: build a federation from a Config, train it, evaluate, and write the run folder.
+
+Run folder:
+    config.toml      the resolved config (``hosfl run --config`` reads it back)
+    metrics.jsonl    one line per step ("train") and per evaluation ("eval")
+    history.jsonl    HO-SFL only: (seeds, v̄) per step, the complete log of the client model
+    client_init.pt   the client weights before step 0 (replay starts here)
+    checkpoint.pt    weights and optimizer states, rewritten at every evaluation
+    summary.json     final accuracy, bytes by direction and payload type, wall time
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hosfl import checkpoint, methods, tasks
+from hosfl.config import Config, ConfigError
+from hosfl.data.partition import histogram, split
+from hosfl.engines.local import LocalEngine
+from hosfl.methods.base import Federation, Shard
+from hosfl.metrics.ledger import ByteLedger
+
+
+@dataclass
+class RunResult:
+    out: Path
+    accuracy: float
+    steps: int
+    wall_s: float
+    ledger: ByteLedger
+    client_model: nn.Module
+    server_model: nn.Module
+
+
+@torch.no_grad()
+def evaluate(
+    client: nn.Module, server: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
+) -> tuple[float, float]:
+    """Accuracy and mean loss of server(client(x)) in eval mode."""
+    was = client.training, server.training
+    client.eval(), server.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch):
+        logits = server(client(x[i : i + batch]))
+        correct += int((logits.argmax(1) == y[i : i + batch]).sum())
+        loss += float(nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum"))
+    client.train(was[0]), server.train(was[1])
+    return correct / len(x), loss / len(x)
+
+
+def prepare_out(cfg: Config) -> Path:
+    """The run folder: a fresh one, never one that already holds files."""
+    if cfg.out:
+        out = Path(cfg.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(
+                f"out={cfg.out!r} already exists and is not empty; choose another folder"
+            )
+    else:
+        base = Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out, n = base, 1
+        while out.exists():
+            out, n = Path(f"{base}-{n}"), n + 1
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build(cfg: Config) -> tuple[Federation, tuple[torch.Tensor, torch.Tensor], list[np.ndarray]]:
+    """Data, partitions and the method's federation for ``cfg``; nothing is written."""
+    task = tasks.get(cfg.task)
+    try:
+        method = methods.get(cfg.method)
+        client_model, server_model = task.split_model(cfg.cut, cfg.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    x, y = task.load("train", cfg.train_subset)
+    test = task.load("test", cfg.test_subset)
+    try:
+        parts = split(
+            cfg.partition, y.numpy(), cfg.clients, cfg.seed, cfg.alpha, cfg.shards_per_client
+        )
+        shards = [Shard(m, x, y, idx, cfg.seed) for m, idx in enumerate(parts)]
+        fed = method.build(cfg, client_model, server_model, shards, task.classes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return fed, test, [y.numpy(), *parts]
+
+
+def _print_histogram(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> None:
+    counts = histogram(labels, parts, classes)
+    print("client  " + " ".join(f"{c:>5}" for c in range(classes)) + "  total")
+    for m, row in enumerate(counts):
+        print(f"{m:>6}  " + " ".join(f"{n:>5}" for n in row) + f"  {row.sum():>5}")
+
+
+def _state(cfg: Config, fed: Federation, step: int) -> dict:
+    state = {
+        "config": cfg.to_dict(),
+        "step": step,
+        "client": fed.client_model.state_dict(),
+        "server": fed.server_model.state_dict(),
+        "server_optimizer": fed.server.optimizer.state_dict(),
+    }
+    if fed.client_optimizer is not None:
+        state["client_optimizer"] = fed.client_optimizer.state_dict()
+    return state
+
+
+def run(cfg: Config, log=print) -> RunResult:
+    """Train ``cfg`` in-process and write its run folder; returns the final figures."""
+    cfg.validate()
+    fed, (x_test, y_test), (labels, *parts) = build(cfg)
+    out = prepare_out(cfg)
+    (out / "config.toml").write_text(cfg.to_toml())
+    checkpoint.save(
+        out / "client_init.pt",
+        {"config": cfg.to_dict(), "step": 0, "client": fed.client_model.state_dict(), "server": {}},
+    )
+    d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
+    d_s = sum(p.numel() for p in fed.server_model.parameters() if p.requires_grad)
+    log(
+        f"hosfl {cfg.method}: task={cfg.task} cut={cfg.cut} M={cfg.clients} K={cfg.sampled} "
+        f"B={cfg.batch_size} P={cfg.P} steps={cfg.steps} d_c={d_c} d_s={d_s} -> {out}"
+    )
+    if log is print:
+        _print_histogram(labels, parts, int(labels.max()) + 1)
+
+    ledger = ByteLedger()
+    engine = LocalEngine(fed.clients, ledger)
+    method = methods.get(cfg.method)
+    history = checkpoint.HistoryWriter(out / "history.jsonl") if cfg.method == "hosfl" else None
+    metrics = open(out / "metrics.jsonl", "w", encoding="utf-8")
+    start = time.perf_counter()
+    acc = float("nan")
+    bar = tqdm(
+        range(cfg.steps), disable=not cfg.progress, file=sys.stderr, unit="step", dynamic_ncols=True
+    )
+    try:
+        for t in bar:
+            loss, update = method.step(t, fed.server, engine)
+            if history is not None:
+                history.append(t, update.seeds.tolist(), update.values.tolist())
+            row = {
+                "event": "train",
+                "step": t + 1,
+                "loss": loss,
+                "bytes_up": ledger.total("up"),
+                "bytes_down": ledger.total("down"),
+            }
+            metrics.write(json.dumps(row) + "\n")
+            last = t + 1 == cfg.steps
+            if last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0):
+                acc, test_loss = evaluate(fed.client_model, fed.server_model, x_test, y_test)
+                row = {
+                    "event": "eval",
+                    "step": t + 1,
+                    "test_acc": acc,
+                    "test_loss": test_loss,
+                    "wall_s": time.perf_counter() - start,
+                }
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                checkpoint.save(out / "checkpoint.pt", _state(cfg, fed, t + 1))
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.4f}")
+    finally:
+        metrics.close()
+        if history is not None:
+            history.close()
+        bar.close()
+    wall = time.perf_counter() - start
+    result = RunResult(out, acc, cfg.steps, wall, ledger, fed.client_model, fed.server_model)
+    summary = {
+        "method": cfg.method,
+        "test_acc": acc,
+        "steps": cfg.steps,
+        "wall_s": wall,
+        "d_c": d_c,
+        "d_s": d_s,
+        "bytes": ledger.as_dict(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def summary_table(result: RunResult) -> str:
+    """The end-of-run table: accuracy, steps, wall time, bytes by direction and payload."""
+    lines = [
+        f"{'test accuracy':<24}{result.accuracy:>14.4f}",
+        f"{'steps':<24}{result.steps:>14}",
+        f"{'wall time (s)':<24}{result.wall_s:>14.1f}",
+    ]
+    for direction, counts in result.ledger.as_dict().items():
+        for payload, n in counts.items():
+            lines.append(f"{f'bytes {direction}: {payload}':<24}{n:>14,}")
+        lines.append(f"{f'bytes {direction}: total':<24}{sum(counts.values()):>14,}")
+    lines.append(f"{'run folder':<24}{str(result.out):>14}")
+    width = max(len(s) for s in lines)
+    return "\n".join(["-" * width, *lines, "-" * width])
+
+
+def load_models(state: dict) -> tuple[Config, nn.Module, nn.Module]:
+    """The config and the (client, server) models a checkpoint describes, weights loaded."""
+    try:
+        cfg = Config.from_dict(state["config"], source="checkpoint config").validate()
+        client, server = tasks.get(cfg.task).split_model(cfg.cut, cfg.seed)
+        client.load_state_dict(state["client"])
+        if state["server"]:
+            server.load_state_dict(state["server"])
+    except (ConfigError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        reason = str(e).splitlines()[0]
+        raise checkpoint.CheckpointError(f"checkpoint does not fit its task: {reason}") from None
+    return cfg, client, server
+
+
+def evaluate_checkpoint(path: str | Path) -> tuple[float, float, int]:
+    """(accuracy, loss, step) of a checkpoint on its task's test set."""
+    state = checkpoint.load(path)
+    cfg, client, server = load_models(state)
+    x, y = tasks.get(cfg.task).load("test", cfg.test_subset)
+    acc, loss = evaluate(client, server, x, y)
+    return acc, loss, int(state["step"])

@@ -1,0 +1,119 @@
+"""Zeroth-order primitives: seeds -> directions, and the four verbs of a HO-SFL client.
+
+    perturbed(model, seed, mu)      run the model at θ + μ·u(seed) without writing θ
+    estimate(lam, z_perturbed, z)   v = λᵀ (f(θ + μu) − f(θ))
+    apply_update_(params, ...)      ĝ = 1/(Pμ) Σ_p v̄_p u_p, one optimizer step on θ
+    replay_(params, history, ...)   apply_update_ for every (seeds, v̄) of a history
+
+Directions are never stored: ``direction(seed, i, p)`` regenerates u for parameter i from a
+dedicated CPU ``torch.Generator`` seeded by (seed, i), so every machine gets the same bits and
+no d_c-sized vector ever exists (the largest temporary is one parameter tensor).
+
+Why perturbed() does not add μu to θ and subtract it again, as MeZO does: (θ + μu) − μu is not
+θ in floating point, so every probe would leave rounding drift in θ that a client replaying the
+(seeds, v̄) log never sees, and replay would stop being bit-exact. Instead each module's
+parameters are swapped for θ + μu only while that module runs (a forward pre-hook) and swapped
+back after it (a forward hook): θ is never written during a probe and the extra memory is the
+parameters of one module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK63 = (1 << 63) - 1
+
+
+def _stream_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed for (probe seed, parameter index); splitmix64 finaliser."""
+    x = (seed * _GOLDEN + index + 1) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (x ^ (x >> 31)) & _MASK63
+
+
+def direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    """u ~ N(0, I) shaped like parameter number ``index``, regenerated from ``seed``."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_stream_seed(seed, index))
+    u = torch.randn(like.shape, generator=gen, dtype=torch.float32)
+    return u.to(device=like.device, dtype=like.dtype)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a zeroth-order client perturbs and updates, in a fixed order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextmanager
+def perturbed(model: nn.Module, seed: int, mu: float) -> Iterator[None]:
+    """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched."""
+    index = {id(p): i for i, p in enumerate(trainable(model))}
+    handles = []
+    for module in model.modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in index]
+        if not own:
+            continue
+        saved: dict[str, torch.Tensor] = {}
+
+        def swap_in(mod: nn.Module, args: object, own=own, saved=saved) -> None:
+            for name, p in own:
+                saved[name] = p.data
+                p.data = p.data + mu * direction(seed, index[id(p)], p)
+
+        def swap_back(mod: nn.Module, args: object, out: object, own=own, saved=saved) -> None:
+            for name, p in own:
+                p.data = saved.pop(name)
+
+        handles.append(module.register_forward_pre_hook(swap_in))
+        handles.append(module.register_forward_hook(swap_back))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, z: torch.Tensor) -> float:
+    """The probe scalar v = λᵀ (f(θ + μu) − f(θ)), accumulated in float64."""
+    return float((lam.double() * (z_perturbed.double() - z.double())).sum())
+
+
+def apply_update_(
+    params: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    scalars: Sequence[float],
+    mu: float,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """One optimizer step along ĝ = 1/(Pμ) Σ_p v̄_p u_p, built one parameter at a time."""
+    if len(seeds) != len(scalars) or not seeds:
+        raise ValueError(f"need as many seeds as scalars, got {len(seeds)} and {len(scalars)}")
+    coef = [float(v) / (len(seeds) * mu) for v in scalars]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            g = torch.zeros_like(p)
+            for s, c in zip(seeds, coef, strict=True):
+                g.add_(direction(s, i, p), alpha=c)
+            p.grad = g
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def replay_(
+    params: Sequence[torch.Tensor],
+    history: Iterable[tuple[Sequence[int], Sequence[float]]],
+    mu: float,
+    optimizer: torch.optim.Optimizer,
+) -> int:
+    """Bring a client model forward through a (seeds, v̄) history; returns the steps applied."""
+    n = 0
+    for seeds, scalars in history:
+        apply_update_(params, seeds, scalars, mu, optimizer)
+        n += 1
+    return n

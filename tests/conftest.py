@@ -1,0 +1,26 @@
+import pytest
+
+from hosfl.config import Config
+
+
+@pytest.fixture
+def small_cfg(tmp_path):
+    """A run that takes seconds: a 3000-image subset of the real Fashion-MNIST."""
+
+    def make(**overrides) -> Config:
+        values = dict(
+            clients=5,
+            sampled=2,
+            batch_size=16,
+            steps=30,
+            P=3,
+            train_subset=3000,
+            test_subset=500,
+            eval_every=10,
+            progress=False,
+            out=str(tmp_path / "run"),
+        )
+        values.update(overrides)
+        return Config(**values).validate()
+
+    return make
