@@ -170,7 +170,8 @@ def run(cfg: Config, log=print) -> RunResult:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 checkpoint.save(out / "checkpoint.pt", _state(cfg, fed, t + 1))
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.4f}")
+            if last or t % 10 == 0 or (cfg.eval_every and (t + 1) % cfg.eval_every == 0):
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.4f}", refresh=False)
     finally:
         metrics.close()
         if history is not None:

@@ -96,9 +96,11 @@ def locate(mirror: str | None = None) -> Path:
         ) from None
 
 
-def load(split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def load(
+    split: str, limit: int = 0, mirror: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as standardised float32 (N, 1, 28, 28) and labels as int64 (N,)."""
-    folder = locate()
+    folder = locate(mirror)
     image_file, label_file = FILES[split]
     images = _read_idx(folder / image_file, 0x00000803)
     labels = _read_idx(folder / label_file, 0x00000801)
