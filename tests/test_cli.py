@@ -3,6 +3,7 @@ leave everything on disk as it was."""
 
 import gzip
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -165,3 +166,11 @@ def test_download_fetches_the_original_files_when_they_are_missing(tmp_path, mon
         server.shutdown()
     assert x.shape == (20, 1, 28, 28) and y.tolist() == [i % 10 for i in range(20)]
     assert (tmp_path / "cache" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").exists()
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_its_folder(tmp_path):
+    out = tmp_path / "run"
+    done = hosfl("run", *SHORT, "client_lr=1e6", "steps=20", f"out={out}")
+    assert done.returncode == 3
+    assert "training diverged at step" in done.stdout and "Lower client_lr" in done.stdout
+    assert json.loads((out / "summary.json").read_text())["diverged_at"] is not None

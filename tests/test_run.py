@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hosfl import checkpoint, zo
+from hosfl.config import METHODS
 from hosfl.data import partition
 from hosfl.engines import local
 from hosfl.protocol import decode, encode
@@ -73,7 +74,7 @@ class WireEngine(local.LocalEngine):
         return super().carry(direction, decode(data), copies)
 
 
-@pytest.mark.parametrize("method", ["hosfl", "sfl-v1"])
+@pytest.mark.parametrize("method", METHODS)
 def test_ledger_equals_the_bytes_of_the_serialized_messages(small_cfg, monkeypatch, method):
     engines = []
 
@@ -81,12 +82,12 @@ def test_ledger_equals_the_bytes_of_the_serialized_messages(small_cfg, monkeypat
         engines.append(WireEngine(clients, ledger))
         return engines[-1]
 
-    monkeypatch.setattr("hosfl.run.LocalEngine", wire)
-    through_bytes = run(small_cfg(method=method, steps=8), log=lambda *a: None)
+    monkeypatch.setattr("hosfl.run.LocalEngine", lambda c, ledger, measure_step: wire(c, ledger))
+    through_bytes = run(small_cfg(method=method, steps=4), log=lambda *a: None)
     assert through_bytes.ledger.total() == engines[0].sent > 0
     monkeypatch.undo()
     by_reference = run(
-        small_cfg(method=method, steps=8, out=str(through_bytes.out) + "-ref"), log=lambda *a: None
+        small_cfg(method=method, steps=4, out=str(through_bytes.out) + "-ref"), log=lambda *a: None
     )
     assert by_reference.ledger.as_dict() == through_bytes.ledger.as_dict()
     assert all(
@@ -117,7 +118,7 @@ def test_hosfl_learns_fashion_mnist_and_moves_its_client(small_cfg):
     change = sum((now[k] - init[k]).norm() ** 2 for k in init) ** 0.5
     size = sum(init[k].norm() ** 2 for k in init) ** 0.5
     assert change / size > 0.01  # a client that trains: weights moved by over 1% of their norm
-    assert len(zo.trainable(result.client_model)) == 4  # conv1 and conv2, weight and bias
+    assert len(zo.trainable(result.client_model)) == 4  # two convs, weight and bias
 
 
 def test_partitions_cover_the_data_exactly_once_and_skew_as_asked():
@@ -130,3 +131,13 @@ def test_partitions_cover_the_data_exactly_once_and_skew_as_asked():
     skewed = partition.histogram(labels, partition.split("dirichlet", labels, 10, 0, 0.1, 2), 10)
     even = partition.histogram(labels, partition.split("iid", labels, 10, 0, 0.1, 2), 10)
     assert skewed.max() > 3 * even.max()
+
+
+def test_hosfl_aggregation_traffic_is_4P_bytes_up_per_client_step_whatever_d_c(small_cfg, tmp_path):
+    per_client_step = []
+    for cut in ("conv1", "fc1"):  # d_c = 1 248 and 217 008
+        r = run(small_cfg(cut=cut, steps=3, out=str(tmp_path / cut)), log=lambda *a: None)
+        up = r.ledger.as_dict()["up"]
+        per_client_step.append((up["scalars"] / (3 * 2), r.summary["d_c"]))
+    assert [b for b, _ in per_client_step] == [4 * 3, 4 * 3]  # 4P bytes, P = 3
+    assert per_client_step[1][1] > 100 * per_client_step[0][1]

@@ -1,4 +1,4 @@
-"""``hosfl``: run | eval | replay. Argument parsing only; the work is in run.py and replay.py.
+"""``hosfl``: run | compare | plot | eval | replay. Argument parsing only; the work is elsewhere.
 
 Every user error (bad config, missing data, corrupt checkpoint) is one line on stderr and exit
 code 2; nothing already on disk is overwritten.
@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from hosfl.checkpoint import CheckpointError
-from hosfl.config import Config, ConfigError
+from hosfl.config import METHODS, Config, ConfigError
 from hosfl.data.fashion_mnist import DataError
 from hosfl.protocol import ProtocolError
 
@@ -41,6 +41,30 @@ def _parser() -> argparse.ArgumentParser:
         "with the client weights in RUN/checkpoint.pt, bit for bit.",
     )
     rp.add_argument("run_folder")
+    cmp = sub.add_parser(
+        "compare",
+        help="run several methods on the same data, seed and budget; table and plots",
+        description="Run each method with the same settings (key=value as for 'hosfl run'), "
+        "then write results.csv, results.md and PNG plots into one folder.",
+        epilog="example: hosfl compare --methods hosfl,sfl-v1,frozen steps=300 partition=dirichlet",
+    )
+    cmp.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} (default: all)",
+    )
+    cmp.add_argument(
+        "--target",
+        type=float,
+        default=0.8,
+        help="accuracy for the steps-to-target column (default: 0.8)",
+    )
+    cmp.add_argument("--out", default="", help="output folder (default: runs/compare-<time>)")
+    cmp.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    cmp.add_argument("overrides", nargs="*", metavar="key=value")
+    pl = sub.add_parser("plot", help="redraw the plots of saved run folders")
+    pl.add_argument("run_folders", nargs="+")
+    pl.add_argument("--out", default=".", help="where to write the PNGs (default: .)")
     return parser
 
 
@@ -52,11 +76,24 @@ def main(argv: list[str] | None = None) -> int:
 
             result = run(Config.load(args.config, args.overrides))
             print(summary_table(result))
+            if result.summary["diverged_at"] is not None:
+                return 3
         elif args.command == "eval":
             from hosfl.run import evaluate_checkpoint
 
             acc, loss, steps = evaluate_checkpoint(args.checkpoint)
             print(f"{args.checkpoint}: step {steps}, test accuracy {acc:.4f}, loss {loss:.4f}")
+        elif args.command == "compare":
+            from hosfl.compare import compare
+
+            overrides = ["eval_every=100", *args.overrides]  # a finer curve than a single run's
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            compare(methods, overrides, args.out, args.target, args.config)
+        elif args.command == "plot":
+            from hosfl.metrics.plots import plot_runs
+
+            for path in plot_runs(args.run_folders, args.out):
+                print(f"written: {path}")
         elif args.command == "replay":
             from hosfl.replay import replay_run
 

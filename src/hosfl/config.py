@@ -22,7 +22,7 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-METHODS = ("hosfl", "sfl-v1")
+METHODS = ("hosfl", "sfl-v1", "sfl-v2", "zo-sfl", "hosl", "fedavg", "zo-fl", "frozen")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards")
 
@@ -38,10 +38,11 @@ class Config:
     P: int = _f(5, "zeroth-order probes per step (shared seeds)")
     mu: float = _f(1e-3, "perturbation scale of the probes")
     client_optimizer: str = _f("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}")
-    client_lr: float = _f(0.02, "client learning rate")
+    client_lr: float = _f(0.05, "client learning rate")
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
     server_lr: float = _f(0.05, "server learning rate")
     momentum: float = _f(0.0, "SGD momentum, client and server")
+    local_steps: int = _f(1, "local SGD steps per round (fedavg)")
     cut: str = _f("conv2", "cut point: the last layer the client holds")
     partition: str = _f("iid", f"data partition: {', '.join(PARTITIONS)}")
     alpha: float = _f(0.5, "Dirichlet concentration (partition=dirichlet)")
@@ -57,7 +58,15 @@ class Config:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{key}={getattr(self, key)!r}: {why}")
 
-        for key in ("clients", "sampled", "batch_size", "steps", "P", "shards_per_client"):
+        for key in (
+            "clients",
+            "sampled",
+            "batch_size",
+            "steps",
+            "P",
+            "shards_per_client",
+            "local_steps",
+        ):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.sampled > self.clients:

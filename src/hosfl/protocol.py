@@ -217,3 +217,12 @@ class ModelWeights(Message, type_id=6):
     step: int
     weights: torch.Tensor
     SCHEMA: ClassVar = {"weights": Tensor("weights", F32, 1)}
+
+
+@dataclass(frozen=True)
+class ProbeRequest(Message, type_id=7):
+    """Server -> client (HOSL, ZO-SFL): send f_c(x; θ_c + μ u_probe) for this step's batch."""
+
+    step: int
+    probe: int
+    SCHEMA: ClassVar = {}

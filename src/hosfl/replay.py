@@ -10,7 +10,7 @@ import torch
 
 from hosfl import checkpoint, zo
 from hosfl.methods.base import make_optimizer
-from hosfl.run import load_models
+from hosfl.run import REPLAYABLE, load_models
 
 
 @dataclass
@@ -34,7 +34,9 @@ def replay_run(folder: str | Path) -> ReplayReport:
     folder = Path(folder)
     history = folder / "history.jsonl"
     if not history.is_file():
-        raise checkpoint.CheckpointError(f"{history} does not exist (only HO-SFL runs have one)")
+        raise checkpoint.CheckpointError(
+            f"{history} does not exist (only {', '.join(REPLAYABLE)} runs have one)"
+        )
     final = checkpoint.load(folder / "checkpoint.pt")
     cfg, client, _ = load_models(checkpoint.load(folder / "client_init.pt"))
     params = zo.trainable(client)

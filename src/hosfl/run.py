@@ -12,6 +12,7 @@ Run folder:
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ from hosfl.data.partition import histogram, split
 from hosfl.engines.local import LocalEngine
 from hosfl.methods.base import Federation, Shard
 from hosfl.metrics.ledger import ByteLedger
+from hosfl.metrics.memory import LiveTensorMeter, tensor_bytes
+from hosfl.protocol import Message, ProtocolError
+
+# Methods whose client model moves only by (seeds, v̄) broadcasts: their history.jsonl
+# replays the client part from client_init.pt.
+REPLAYABLE = ("hosfl", "hosl", "zo-sfl")
 
 
 @dataclass
@@ -39,6 +46,7 @@ class RunResult:
     ledger: ByteLedger
     client_model: nn.Module
     server_model: nn.Module
+    summary: dict
 
 
 @torch.no_grad()
@@ -57,21 +65,20 @@ def evaluate(
     return correct / len(x), loss / len(x)
 
 
-def prepare_out(cfg: Config) -> Path:
-    """The run folder: a fresh one, never one that already holds files."""
-    if cfg.out:
-        out = Path(cfg.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(
-                f"out={cfg.out!r} already exists and is not empty; choose another folder"
-            )
+def prepare_out(out: str, prefix: str) -> Path:
+    """The run folder: ``out`` if it is new or empty (never one that holds files), else a new
+    ``runs/<prefix>-<time>``."""
+    if out:
+        folder = Path(out)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ConfigError(f"out={out!r} already exists and is not empty; choose another folder")
     else:
-        base = Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out, n = base, 1
-        while out.exists():
-            out, n = Path(f"{base}-{n}"), n + 1
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        base = Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder, n = base, 1
+        while folder.exists():
+            folder, n = Path(f"{base}-{n}"), n + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def build(cfg: Config) -> tuple[Federation, tuple[torch.Tensor, torch.Tensor], list[np.ndarray]]:
@@ -108,18 +115,40 @@ def _state(cfg: Config, fed: Federation, step: int) -> dict:
         "step": step,
         "client": fed.client_model.state_dict(),
         "server": fed.server_model.state_dict(),
-        "server_optimizer": fed.server.optimizer.state_dict(),
     }
+    if getattr(fed.server, "optimizer", None) is not None:
+        state["server_optimizer"] = fed.server.optimizer.state_dict()
     if fed.client_optimizer is not None:
         state["client_optimizer"] = fed.client_optimizer.state_dict()
     return state
+
+
+def _finite(loss: float | None, update: Message | None) -> bool:
+    """False once the loss or the step's update holds NaN or infinity."""
+    if loss is not None and not math.isfinite(loss):
+        return False
+    try:
+        update is None or update.validate()
+    except ProtocolError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def inference_peak(model: nn.Module, shard: Shard, batch_size: int) -> int:
+    """Peak live tensor bytes of one plain forward of ``model`` on a client batch: what a
+    client that only runs inference needs on top of its weights."""
+    x, _ = shard.batch(0, batch_size)
+    with LiveTensorMeter() as meter:
+        model(x)
+    return meter.peak
 
 
 def run(cfg: Config, log=print) -> RunResult:
     """Train ``cfg`` in-process and write its run folder; returns the final figures."""
     cfg.validate()
     fed, (x_test, y_test), (labels, *parts) = build(cfg)
-    out = prepare_out(cfg)
+    out = prepare_out(cfg.out, cfg.method)
     (out / "config.toml").write_text(cfg.to_toml())
     checkpoint.save(
         out / "client_init.pt",
@@ -134,19 +163,30 @@ def run(cfg: Config, log=print) -> RunResult:
     if log is print:
         _print_histogram(labels, parts, int(labels.max()) + 1)
 
+    holds = tensor_bytes(fed.client_holds)
+    infer_peak = holds + inference_peak(fed.client_holds, fed.clients[0].shard, cfg.batch_size)
     ledger = ByteLedger()
-    engine = LocalEngine(fed.clients, ledger)
+    # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
+    engine = LocalEngine(fed.clients, ledger, measure_step=min(1, cfg.steps - 1))
     method = methods.get(cfg.method)
-    history = checkpoint.HistoryWriter(out / "history.jsonl") if cfg.method == "hosfl" else None
+    history = checkpoint.HistoryWriter(out / "history.jsonl") if cfg.method in REPLAYABLE else None
     metrics = open(out / "metrics.jsonl", "w", encoding="utf-8")
     start = time.perf_counter()
     acc = float("nan")
+    diverged = None
     bar = tqdm(
         range(cfg.steps), disable=not cfg.progress, file=sys.stderr, unit="step", dynamic_ncols=True
     )
     try:
         for t in bar:
             loss, update = method.step(t, fed.server, engine)
+            if not _finite(loss, update):
+                diverged = t + 1
+                log(
+                    f"hosfl: training diverged at step {diverged} (loss {loss}); stopped, the "
+                    f"last checkpoint is kept. Lower client_lr or server_lr."
+                )
+                break
             if history is not None:
                 history.append(t, update.seeds.tolist(), update.values.tolist())
             row = {
@@ -165,31 +205,38 @@ def run(cfg: Config, log=print) -> RunResult:
                     "step": t + 1,
                     "test_acc": acc,
                     "test_loss": test_loss,
+                    "bytes": ledger.total(),
                     "wall_s": time.perf_counter() - start,
                 }
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 checkpoint.save(out / "checkpoint.pt", _state(cfg, fed, t + 1))
             if last or t % 10 == 0 or (cfg.eval_every and (t + 1) % cfg.eval_every == 0):
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.4f}", refresh=False)
+                shown = {} if loss is None else {"loss": f"{loss:.3f}"}
+                bar.set_postfix(**shown, acc=f"{acc:.4f}", refresh=False)
     finally:
         metrics.close()
         if history is not None:
             history.close()
         bar.close()
     wall = time.perf_counter() - start
-    result = RunResult(out, acc, cfg.steps, wall, ledger, fed.client_model, fed.server_model)
     summary = {
         "method": cfg.method,
         "test_acc": acc,
         "steps": cfg.steps,
+        "sampled": cfg.sampled,
         "wall_s": wall,
         "d_c": d_c,
         "d_s": d_s,
         "bytes": ledger.as_dict(),
+        "client_peak_bytes": holds + engine.client_peak_bytes,
+        "client_inference_peak_bytes": infer_peak,
+        "client_ms_per_step": engine.client_ms_per_step(cfg.sampled),
+        "diverged_at": diverged,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
+    done = diverged - 1 if diverged else cfg.steps
+    return RunResult(out, acc, done, wall, ledger, fed.client_model, fed.server_model, summary)
 
 
 def summary_table(result: RunResult) -> str:

@@ -1,30 +1,62 @@
 """In-process engine: client roles are objects in this process; messages are handed over by
-reference and every delivery is recorded in the byte ledger at its exact encoded size."""
+reference and every delivery is recorded in the byte ledger at its exact encoded size.
+
+The engine also times the clients' work, and at one chosen step measures each client's peak
+tensor memory (``metrics.memory``): the client side of a step is whatever runs inside the
+clients' ``handle`` calls, whatever the method."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 from hosfl.methods.base import ClientRole
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
+from hosfl.metrics.memory import LiveTensorMeter
 from hosfl.protocol import Message
 
 
 class LocalEngine:
-    def __init__(self, clients: Sequence[ClientRole], ledger: ByteLedger) -> None:
+    def __init__(
+        self, clients: Sequence[ClientRole], ledger: ByteLedger, measure_step: int | None = None
+    ) -> None:
         self.clients = list(clients)
         self.ledger = ledger
+        self.client_seconds: dict[int, float] = {}  # step -> seconds in clients' handle calls
+        self.measure_step = measure_step
+        self.meters: dict[int, LiveTensorMeter] = {}  # client id (-1: broadcast) -> meter
+
+    @property
+    def client_peak_bytes(self) -> int:
+        """Peak live tensor bytes of one client's work at ``measure_step`` (0 if not yet)."""
+        return max((m.peak for m in self.meters.values()), default=0)
 
     def carry(self, direction: str, msg: Message, copies: int = 1) -> Message:
         """Move one message (to ``copies`` recipients); what the receiver gets is returned."""
         self.ledger.record(direction, msg, copies)
         return msg
 
+    def client_ms_per_step(self, sampled: int) -> float:
+        """Mean client compute per sampled client per step, the measured step left out (the
+        memory meter slows it)."""
+        timed = [s for step, s in self.client_seconds.items() if step != self.measure_step]
+        return 1000 * sum(timed) / (len(timed) * sampled) if timed else float("nan")
+
+    def _deliver(self, cid: int, msg: Message, meter_id: int) -> Message | None:
+        if msg.step == self.measure_step:
+            with self.meters.setdefault(meter_id, LiveTensorMeter()):
+                return self.clients[cid].handle(msg)
+        start = time.perf_counter()
+        reply = self.clients[cid].handle(msg)
+        elapsed = time.perf_counter() - start
+        self.client_seconds[msg.step] = self.client_seconds.get(msg.step, 0.0) + elapsed
+        return reply
+
     def ask(self, requests: Mapping[int, Message]) -> dict[int, Message]:
         """Send each client its request and collect the replies, in client order."""
         replies = {}
         for cid in sorted(requests):
-            reply = self.clients[cid].handle(self.carry(DOWN, requests[cid]))
+            reply = self._deliver(cid, self.carry(DOWN, requests[cid]), cid)
             if reply is None:
                 raise RuntimeError(f"client {cid} did not answer {type(requests[cid]).__name__}")
             replies[cid] = self.carry(UP, reply)
@@ -33,5 +65,5 @@ class LocalEngine:
     def broadcast(self, msg: Message) -> None:
         """Deliver ``msg`` to every client; no replies."""
         received = self.carry(DOWN, msg, copies=len(self.clients))
-        for client in self.clients:
-            client.handle(received)
+        for cid in range(len(self.clients)):
+            self._deliver(cid, received, -1)

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hosfl.methods import hosfl, sfl
+from hosfl.methods import fedavg, frozen, hosfl, hosl, sfl, sfl_v2, zo_fl, zo_sfl
 
-METHODS: dict[str, ModuleType] = {"hosfl": hosfl, "sfl-v1": sfl}
+METHODS: dict[str, ModuleType] = {
+    "hosfl": hosfl,
+    "sfl-v1": sfl,
+    "sfl-v2": sfl_v2,
+    "zo-sfl": zo_sfl,
+    "hosl": hosl,
+    "fedavg": fedavg,
+    "zo-fl": zo_fl,
+    "frozen": frozen,
+}
 
 
 def get(name: str) -> ModuleType:

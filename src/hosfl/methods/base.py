@@ -47,17 +47,36 @@ class ClientRole(ABC):
 
 @dataclass
 class Federation:
-    """What a method's ``build`` returns: the server role, one role per client, and the
-    client model every client holds (shared in memory in-process)."""
+    """What a method's ``build`` returns: the server role, one role per client, the two parts
+    of the model evaluated at the end (shared in memory in-process), and what one client holds
+    in memory (the client part, or the whole model for the federated-learning baselines)."""
 
     server: object
     clients: list[ClientRole]
     client_model: nn.Module
     server_model: nn.Module
     client_optimizer: torch.optim.Optimizer | None  # None: clients keep no optimizer state
+    client_holds: nn.Module | None = None  # None: client_model
+
+    def __post_init__(self) -> None:
+        if self.client_holds is None:
+            self.client_holds = self.client_model
 
 
 def sample_clients(cfg: Config, step: int) -> list[int]:
     """The K clients of ``step``, sorted; drawn from ``default_rng([seed, 0, step])``."""
     rng = np.random.default_rng([cfg.seed, 0, step])
     return sorted(rng.choice(cfg.clients, size=cfg.sampled, replace=False).tolist())
+
+
+@torch.no_grad()
+def load_flat_(params: Iterable[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy a flat weight vector into ``params`` in place. (torch's vector_to_parameters
+    makes the parameters views of the vector instead, so a client training on them would
+    write into the message it received.)"""
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    if offset != flat.numel():
+        raise ValueError(f"weight vector of {flat.numel()} values for {offset} parameters")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Federation, Shard
+from hosfl.methods.base import ClientRole, Federation, Shard, load_flat_
+from hosfl.methods.frozen import NO_SEEDS
 from hosfl.methods.hosfl import Server
 from hosfl.protocol import (
     CutGradient,
@@ -53,8 +54,7 @@ class Client(ClientRole):
                 )
             return ModelWeights(step, local)
         if isinstance(msg, ModelWeights):  # the FedAvg-ed model
-            with torch.no_grad():
-                vector_to_parameters(msg.weights, self.params)
+            load_flat_(self.params, msg.weights)
             return None
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
@@ -77,7 +77,7 @@ def build(
 
 def step(t: int, server: Server, engine) -> tuple[float, Message]:
     clients, _ = server.plan(t)
-    plan = StepPlan(t, torch.empty(0, dtype=torch.int32))  # no probes: no seeds
+    plan = StepPlan(t, NO_SEEDS)  # no probes: no seeds
     smashed = engine.ask({m: plan for m in clients})
     lams, loss = server.train(smashed)
     local = engine.ask(lams)

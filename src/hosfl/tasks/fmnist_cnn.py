@@ -26,16 +26,19 @@ class FashionMnistCNN(Task):
         return fashion_mnist.load(split, limit)
 
     def build(self, seed: int) -> nn.Sequential:
-        def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        def conv(c_in: int, c_out: int) -> list[nn.Module]:
+            # In-place ReLU: an edge client keeps one activation map per layer, not two.
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return nn.Sequential(
                 OrderedDict(
-                    conv1=block(1, 16),
-                    conv2=block(16, 32),
-                    fc1=nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU()),
+                    conv1=nn.Sequential(*conv(1, 16), nn.MaxPool2d(2)),
+                    conv2=nn.Sequential(*conv(16, 32), nn.MaxPool2d(2)),
+                    fc1=nn.Sequential(
+                        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(inplace=True)
+                    ),
                     head=nn.Linear(128, self.classes),
                 )
             )

@@ -1,0 +1,135 @@
+"""``hosfl compare``: several methods on the same data, partitions, batches, seed and budget.
+
+Writes into one folder a run folder per method, results.csv, results.md and the plots, and
+returns the rows. Gain recovered = (acc − acc_frozen) / (acc_SplitFedV1 − acc_frozen): the
+share of first-order fine-tuning's benefit over an untrained client that a method keeps.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from hosfl.config import METHODS, Config, ConfigError
+from hosfl.metrics.plots import load_run, plot_runs
+from hosfl.run import prepare_out, run
+
+# Payloads that keep the clients' models in sync (model weights, or seeds and scalars);
+# the others (smashed data, labels, λ) are the split-learning activations traffic.
+SYNC = ("weights", "seeds", "scalars")
+
+
+def _row(folder: Path, target: float | None) -> dict:
+    r = load_run(folder)
+    s, evals = r["summary"], r["evals"]
+    steps, sampled = s["steps"], s["sampled"]
+    row = {
+        "method": s["method"],
+        "final_acc": s["test_acc"],
+        "best_acc": max((e["test_acc"] for e in evals), default=float("nan")),
+        "steps_to_target": next(
+            (e["step"] for e in evals if target and e["test_acc"] >= target), None
+        ),
+        "bytes_up": sum(s["bytes"]["up"].values()),
+        "bytes_down": sum(s["bytes"]["down"].values()),
+        "sync_bytes_per_client_step": sum(
+            n for d in ("up", "down") for p, n in s["bytes"][d].items() if p in SYNC
+        )
+        / (steps * sampled),
+        "client_peak_bytes": s["client_peak_bytes"],
+        "peak_over_inference": s["client_peak_bytes"] / s["client_inference_peak_bytes"],
+        "client_ms_per_step": s["client_ms_per_step"],
+        "wall_s": s["wall_s"],
+        "diverged_at": s["diverged_at"],
+    }
+    for d in ("up", "down"):
+        for payload, n in s["bytes"][d].items():
+            row[f"{d}_{payload}_per_step"] = n / steps
+    return row
+
+
+def _gain(rows: list[dict]) -> None:
+    acc = {r["method"]: r["final_acc"] for r in rows}
+    ok = "frozen" in acc and "sfl-v1" in acc and acc["sfl-v1"] != acc["frozen"]
+    for r in rows:
+        r["gain_recovered"] = (
+            (r["final_acc"] - acc["frozen"]) / (acc["sfl-v1"] - acc["frozen"]) if ok else None
+        )
+
+
+def markdown(rows: list[dict], target: float | None) -> str:
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    head = (
+        "| method | final acc | best acc | steps to "
+        + f(target, ".2f")
+        + " | gain recovered | MB up | MB down | sync B/client/step | client peak MiB "
+        "| × inference | client ms/step | wall s |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        name = r["method"] + (f" (diverged at {r['diverged_at']})" if r["diverged_at"] else "")
+        lines.append(
+            f"| {name} | {r['final_acc']:.4f} | {r['best_acc']:.4f} "
+            f"| {f(r['steps_to_target'], 'd')} | {f(r['gain_recovered'], '.2f')} "
+            f"| {r['bytes_up'] / 1e6:,.1f} | {r['bytes_down'] / 1e6:,.1f} "
+            f"| {r['sync_bytes_per_client_step']:,.0f} | {r['client_peak_bytes'] / 2**20:.2f} "
+            f"| {r['peak_over_inference']:.2f} | {r['client_ms_per_step']:.1f} "
+            f"| {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _for(method: str, overrides: list[str]) -> list[str]:
+    """The overrides that apply to ``method``: plain ``key=value`` ones, and
+    ``METHOD.key=value`` ones naming it (for example ``zo-fl.client_lr=1e-4``)."""
+    chosen = []
+    for item in overrides:
+        prefix, dot, rest = item.partition(".")
+        if dot and prefix in METHODS and "=" in rest and "=" not in prefix:
+            if prefix == method:
+                chosen.append(rest)
+        else:
+            chosen.append(item)
+    return chosen
+
+
+def compare(
+    methods: list[str],
+    overrides: list[str],
+    out: str,
+    target: float | None = None,
+    config: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(
+            f"--methods: unknown {', '.join(unknown) or '(none)'} (valid: {', '.join(METHODS)})"
+        )
+    if target is not None and not 0 < target <= 1:
+        raise ConfigError(f"--target={target}: must be in (0, 1]")
+    configs = [Config.load(config, [*_for(m, overrides), f"method={m}", "out="]) for m in methods]
+    folder = prepare_out(out, "compare")
+    for i, cfg in enumerate(configs):
+        cfg.out = str(folder / cfg.method)
+        log(f"[{i + 1}/{len(configs)}] {cfg.method}")
+        run(cfg, log=log)
+    rows = [_row(folder / cfg.method, target) for cfg in configs]
+    _gain(rows)
+    with open(folder / "results.csv", "w", newline="") as f:
+        columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, target)
+    (folder / "results.md").write_text(table + "\n")
+    plot_runs([folder / cfg.method for cfg in configs], folder)
+    log(table)
+    log(
+        f"written: {folder}/results.csv, results.md, accuracy_vs_step.png, "
+        "accuracy_vs_bytes.png, client_memory.png"
+    )
+    return rows

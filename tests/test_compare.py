@@ -1,0 +1,116 @@
+"""hosfl compare and hosfl plot: one folder with a table, a CSV and plots, from real runs."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from hosfl.compare import _for, _gain, compare
+
+
+def test_compare_runs_each_method_on_the_same_budget_and_writes_table_and_plots(tmp_path):
+    overrides = [
+        "steps=12",
+        "clients=4",
+        "sampled=2",
+        "train_subset=2000",
+        "test_subset=300",
+        "eval_every=4",
+        "progress=false",
+    ]
+    rows = compare(
+        ["hosfl", "sfl-v1", "frozen"],
+        overrides,
+        str(tmp_path / "cmp"),
+        target=0.05,
+        log=lambda *a: None,
+    )
+    by = {r["method"]: r for r in rows}
+    acc = {m: r["final_acc"] for m, r in by.items()}
+    if acc["sfl-v1"] != acc["frozen"]:
+        expected = (acc["hosfl"] - acc["frozen"]) / (acc["sfl-v1"] - acc["frozen"])
+        assert by["hosfl"]["gain_recovered"] == pytest.approx(expected)
+    else:
+        assert by["hosfl"]["gain_recovered"] is None
+    assert all(r["steps_to_target"] == 4 for r in rows)  # every method beats 5% at step 4
+    # what keeps clients in sync, per sampled client per step (M=4, K=2, P=5 by default):
+    # HO-SFL 4P scalars up, 4P seeds in the plan, 8P to each of M clients in the broadcast;
+    # SplitFed V1 4·d_c of weights up, and 4·d_c down to each of the M clients.
+    d_c, P, m_over_k = 4800, 5, 4 / 2
+    assert by["hosfl"]["sync_bytes_per_client_step"] == 4 * P + 4 * P + 8 * P * m_over_k
+    assert by["sfl-v1"]["sync_bytes_per_client_step"] == 4 * d_c * (1 + m_over_k)
+    assert by["frozen"]["sync_bytes_per_client_step"] == 0
+    assert by["hosfl"]["peak_over_inference"] <= 1.2
+    assert by["sfl-v1"]["client_peak_bytes"] >= 1.5 * by["hosfl"]["client_peak_bytes"]
+    folder = tmp_path / "cmp"
+    with open(folder / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["hosfl", "sfl-v1", "frozen"]
+    assert "| hosfl |" in (folder / "results.md").read_text()
+    for png in ("accuracy_vs_step.png", "accuracy_vs_bytes.png", "client_memory.png"):
+        assert (folder / png).read_bytes()[:4] == b"\x89PNG"
+
+    redraw = tmp_path / "redraw"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hosfl.cli",
+            "plot",
+            str(folder / "hosfl"),
+            str(folder / "frozen"),
+            "--out",
+            str(redraw),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (redraw / "accuracy_vs_bytes.png").exists()
+
+
+def test_compare_rejects_unknown_methods_in_one_line(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hosfl.cli",
+            "compare",
+            "--methods",
+            "hosfl,magic",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "unknown magic" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_plot_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "hosfl.cli", "plot", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "not a finished run folder" in done.stderr
+
+
+def test_gain_recovered_is_the_share_of_the_first_order_gain_over_a_frozen_client():
+    rows = [
+        {"method": "frozen", "final_acc": 0.80},
+        {"method": "sfl-v1", "final_acc": 0.90},
+        {"method": "hosfl", "final_acc": 0.88},
+        {"method": "zo-sfl", "final_acc": 0.70},
+    ]
+    _gain(rows)
+    assert [r["gain_recovered"] for r in rows] == pytest.approx([0.0, 1.0, 0.8, -1.0])
+    alone = [{"method": "hosfl", "final_acc": 0.88}]
+    _gain(alone)
+    assert alone[0]["gain_recovered"] is None  # no frozen or SplitFed V1 row to compare with
+
+
+def test_method_prefixed_overrides_apply_to_that_method_only():
+    overrides = ["steps=3", "zo-fl.client_lr=1e-4", "hosfl.P=2", "mu=0.01"]
+    assert _for("zo-fl", overrides) == ["steps=3", "client_lr=1e-4", "mu=0.01"]
+    assert _for("hosfl", overrides) == ["steps=3", "P=2", "mu=0.01"]
+    assert _for("frozen", overrides) == ["steps=3", "mu=0.01"]
