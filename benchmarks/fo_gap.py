@@ -21,7 +21,7 @@ from hosfl.run import run
 ROWS = {
     "HO-SFL (client ZO, SGD)": ["method=hosfl"],
     "SplitFed V1 (client backprop)": ["method=sfl-v1"],
-    "frozen client (client_lr=0)": ["method=hosfl", "client_lr=0"],
+    "frozen client (inference only)": ["method=frozen"],
 }
 DEFAULTS = ["clients=10", "sampled=3", "batch_size=32", "steps=1500", "partition=iid",
             "eval_every=0", "progress=false"]  # fmt: skip

@@ -145,3 +145,21 @@ def test_replay_of_a_history_equals_the_live_updates(history):
         zo.apply_update_(pa, seeds, values, 1e-3, oa)
     assert zo.replay_(pb, log, 1e-3, torch.optim.Adam(pb, lr=1e-2)) == len(log)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
+def test_stateless_sgd_update_matches_torch_sgd_without_a_gradient_buffer():
+    a, _ = _mlp()
+    b, _ = _mlp()
+    seeds, values = [3, 5, 8], [0.5, -1.25, 2.0]
+    pa = zo.trainable(a)
+    zo.apply_update_(pa, seeds, values, 1e-3, torch.optim.SGD(pa, lr=0.1))
+    assert all(p.grad is None for p in pa)  # updated in place, no .grad was built
+    # the reference: the same ĝ handed to torch's SGD as a gradient
+    pb = zo.trainable(b)
+    with torch.no_grad():
+        for i, p in enumerate(pb):
+            p.grad = sum(
+                v / (3 * 1e-3) * zo.direction(s, i, p) for s, v in zip(seeds, values, strict=True)
+            )
+    torch.optim.SGD(pb, lr=0.1).step()
+    assert all(torch.allclose(x, y, rtol=0, atol=1e-12) for x, y in zip(pa, pb, strict=True))

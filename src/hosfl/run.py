@@ -83,8 +83,8 @@ def prepare_out(out: str, prefix: str) -> Path:
 
 def build(cfg: Config) -> tuple[Federation, tuple[torch.Tensor, torch.Tensor], list[np.ndarray]]:
     """Data, partitions and the method's federation for ``cfg``; nothing is written."""
-    task = tasks.get(cfg.task)
     try:
+        task = tasks.get(cfg.task)
         method = methods.get(cfg.method)
         client_model, server_model = task.split_model(cfg.cut, cfg.seed)
     except ValueError as e:

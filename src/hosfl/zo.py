@@ -84,6 +84,18 @@ def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, z: torch.Tensor) -> f
     return float((lam.double() * (z_perturbed.double() - z.double())).sum())
 
 
+def _plain_sgd_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float] | None:
+    """Learning rate per parameter when ``optimizer`` is stateless SGD, else None."""
+    if type(optimizer) is not torch.optim.SGD:
+        return None
+    lrs = {}
+    for group in optimizer.param_groups:
+        if group["momentum"] or group["weight_decay"] or group["maximize"]:
+            return None
+        lrs.update({id(p): float(group["lr"]) for p in group["params"]})
+    return lrs
+
+
 def apply_update_(
     params: Sequence[torch.Tensor],
     seeds: Sequence[int],
@@ -91,18 +103,27 @@ def apply_update_(
     mu: float,
     optimizer: torch.optim.Optimizer,
 ) -> None:
-    """One optimizer step along ĝ = 1/(Pμ) Σ_p v̄_p u_p, built one parameter at a time."""
+    """One optimizer step along ĝ = 1/(Pμ) Σ_p v̄_p u_p, built one parameter at a time.
+
+    With stateless SGD each parameter is updated as soon as its ĝ_i is built (θ_i −= lr·ĝ_i,
+    the same operation torch's SGD performs), so no d_c-sized gradient ever exists; other
+    optimizers receive ĝ as ``.grad`` and take their usual step."""
     if len(seeds) != len(scalars) or not seeds:
         raise ValueError(f"need as many seeds as scalars, got {len(seeds)} and {len(scalars)}")
     coef = [float(v) / (len(seeds) * mu) for v in scalars]
+    lrs = _plain_sgd_lrs(optimizer)
     with torch.no_grad():
         for i, p in enumerate(params):
             g = torch.zeros_like(p)
             for s, c in zip(seeds, coef, strict=True):
                 g.add_(direction(s, i, p), alpha=c)
-            p.grad = g
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+            if lrs is not None:
+                p.add_(g, alpha=-lrs[id(p)])
+            else:
+                p.grad = g
+        if lrs is None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def replay_(

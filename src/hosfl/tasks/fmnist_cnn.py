@@ -1,14 +1,21 @@
-"""Fashion-MNIST with a small CNN trained from scratch: the embedded default task.
+"""Fashion-MNIST with small CNNs trained from scratch.
 
-conv1: 1→16 3×3, ReLU, max-pool  (16×14×14)
-conv2: 16→32 3×3, ReLU, max-pool (32×7×7)   <- default cut: the client holds the conv block
-fc1:   1568→128, ReLU
-head:  128→10
+``fmnist-cnn`` (the embedded default), one convolution per stage:
+    conv1: 1→16 3×3, ReLU, max-pool   (16×14×14)
+    conv2: 16→32 3×3, ReLU, max-pool  (32×7×7)   <- default cut: d_c = 4 800
+    fc1:   1568→128, ReLU
+    head:  128→10
+
+``fmnist-cnn4``, two convolutions per stage (a deeper, larger client part):
+    conv1: 1→8, 8→8 3×3, ReLU, max-pool     (8×14×14)
+    conv2: 8→32, 32→32 3×3, ReLU, max-pool  (32×7×7)  <- default cut: d_c = 12 248
+    fc1, head as above
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -17,28 +24,40 @@ from hosfl.data import fashion_mnist
 from hosfl.tasks.base import Task
 
 
+def _conv(c_in: int, c_out: int) -> list[nn.Module]:
+    # In-place ReLU: an edge client keeps one activation map per layer, not two.
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+
+
 class FashionMnistCNN(Task):
     name = "fmnist-cnn"
     classes = 10
     cuts = ("conv1", "conv2", "fc1")
+    stages = ((1, 16), (16, 32))  # channels through each stage: one conv per step
 
     def load(self, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return fashion_mnist.load(split, limit)
 
     def build(self, seed: int) -> nn.Sequential:
-        def conv(c_in: int, c_out: int) -> list[nn.Module]:
-            # In-place ReLU: an edge client keeps one activation map per layer, not two.
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+        def stage(channels: tuple[int, ...]) -> nn.Sequential:
+            layers = [m for a, b in pairwise(channels) for m in _conv(a, b)]
+            return nn.Sequential(*layers, nn.MaxPool2d(2))
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            width = self.stages[-1][-1]
             return nn.Sequential(
                 OrderedDict(
-                    conv1=nn.Sequential(*conv(1, 16), nn.MaxPool2d(2)),
-                    conv2=nn.Sequential(*conv(16, 32), nn.MaxPool2d(2)),
+                    conv1=stage(self.stages[0]),
+                    conv2=stage(self.stages[1]),
                     fc1=nn.Sequential(
-                        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(inplace=True)
+                        nn.Flatten(), nn.Linear(width * 7 * 7, 128), nn.ReLU(inplace=True)
                     ),
                     head=nn.Linear(128, self.classes),
                 )
             )
+
+
+class FashionMnistCNN4(FashionMnistCNN):
+    name = "fmnist-cnn4"
+    stages = ((1, 8, 8), (8, 32, 32))
