@@ -88,7 +88,7 @@ def test_a_short_run_then_eval_and_replay_of_its_folder(tmp_path):
         (["steps=ten"], "steps='ten': expected int"),
         (["partition=random"], "partition='random': must be one of"),
         (["cut=fc9"], "cut='fc9' is not a cut point of fmnist-cnn (valid: conv1, conv2, fc1)"),
-        (["task=cifar"], "unknown task 'cifar' (valid: fmnist-cnn, fmnist-cnn4)"),
+        (["task=cifar"], "unknown task 'cifar' (valid: fmnist-cnn, fmnist-cnn3, fmnist-cnn4)"),
         (["clients"], "not of the form key=value"),
         (["--config", "/nonexistent.toml"], "does not exist"),
     ],

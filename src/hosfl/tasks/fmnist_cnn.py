@@ -6,6 +6,8 @@
     fc1:   1568→128, ReLU
     head:  128→10
 
+``fmnist-cnn3``: conv1 as above, conv2 16→32, 32→32 (d_c = 14 048 at the default cut).
+
 ``fmnist-cnn4``, two convolutions per stage (a deeper, larger client part):
     conv1: 1→8, 8→8 3×3, ReLU, max-pool     (8×14×14)
     conv2: 8→32, 32→32 3×3, ReLU, max-pool  (32×7×7)  <- default cut: d_c = 12 248
@@ -61,3 +63,8 @@ class FashionMnistCNN(Task):
 class FashionMnistCNN4(FashionMnistCNN):
     name = "fmnist-cnn4"
     stages = ((1, 8, 8), (8, 32, 32))
+
+
+class FashionMnistCNN3(FashionMnistCNN):
+    name = "fmnist-cnn3"
+    stages = ((1, 16), (16, 32, 32))
