@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # Fashion-MNIST from Debian; where apt is not available hosfl downloads the original files.
 data:
 	@[ -f $(FMNIST) ] || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist; } || \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } || \
 	  echo "note: could not install dataset-fashion-mnist; hosfl will try to download it"
 
 clean:
