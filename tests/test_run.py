@@ -141,3 +141,20 @@ def test_hosfl_aggregation_traffic_is_4P_bytes_up_per_client_step_whatever_d_c(s
         per_client_step.append((up["scalars"] / (3 * 2), r.summary["d_c"]))
     assert [b for b, _ in per_client_step] == [4 * 3, 4 * 3]  # 4P bytes, P = 3
     assert per_client_step[1][1] > 100 * per_client_step[0][1]
+
+
+def test_the_public_facade_runs_a_federation(tmp_path):
+    import hosfl
+
+    cfg = hosfl.Config(
+        steps=3,
+        clients=3,
+        sampled=2,
+        train_subset=300,
+        test_subset=100,
+        progress=False,
+        out=str(tmp_path / "api"),
+    )
+    result = hosfl.run(cfg, log=lambda *a: None)
+    assert isinstance(result, hosfl.RunResult) and result.steps == 3
+    assert (result.out / "checkpoint.pt").exists()

@@ -1,0 +1,15 @@
+"""hosfl: Hybrid-Order Split Federated Learning (Chen et al., arXiv 2603.14773).
+
+    >>> import hosfl
+    >>> result = hosfl.run(hosfl.Config(steps=300, out="runs/a"))   # doctest: +SKIP
+    >>> result.accuracy, result.out                                   # doctest: +SKIP
+
+The few names a user needs; everything else lives in the submodules.
+"""
+
+from hosfl.compare import compare
+from hosfl.config import Config, ConfigError
+from hosfl.run import RunResult, run
+from hosfl.tasks import Task, register_task
+
+__all__ = ["Config", "ConfigError", "RunResult", "Task", "compare", "register_task", "run"]
