@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from hosfl.config import Config
-from hosfl.run import run
+from hosfl.runner import run
 
 ROWS = {
     "HO-SFL (client ZO, SGD)": ["method=hosfl"],

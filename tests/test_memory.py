@@ -6,7 +6,7 @@ from torch import nn
 
 from hosfl.metrics.memory import LiveTensorMeter, tensor_bytes
 from hosfl.protocol import StepPlan
-from hosfl.run import build
+from hosfl.runner import build
 
 
 def test_meter_sees_a_known_allocation_and_its_release():

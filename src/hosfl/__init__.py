@@ -9,7 +9,7 @@ The few names a user needs; everything else lives in the submodules.
 
 from hosfl.compare import compare
 from hosfl.config import Config, ConfigError
-from hosfl.run import RunResult, run
+from hosfl.runner import RunResult, run
 from hosfl.tasks import Task, register_task
 
 __all__ = ["Config", "ConfigError", "RunResult", "Task", "compare", "register_task", "run"]

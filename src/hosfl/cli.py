@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            from hosfl.run import run, summary_table
+            from hosfl.runner import run, summary_table
 
             result = run(Config.load(args.config, args.overrides))
             print(summary_table(result))
             if result.summary["diverged_at"] is not None:
                 return 3
         elif args.command == "eval":
-            from hosfl.run import evaluate_checkpoint
+            from hosfl.runner import evaluate_checkpoint
 
             acc, loss, steps = evaluate_checkpoint(args.checkpoint)
             print(f"{args.checkpoint}: step {steps}, test accuracy {acc:.4f}, loss {loss:.4f}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hosfl.config import METHODS, Config, ConfigError
 from hosfl.metrics.plots import load_run, plot_runs
-from hosfl.run import prepare_out, run
+from hosfl.runner import prepare_out, run
 
 # Payloads that keep the clients' models in sync (model weights, or seeds and scalars);
 # the others (smashed data, labels, λ) are the split-learning activations traffic.

@@ -10,7 +10,7 @@ import torch
 
 from hosfl import checkpoint, zo
 from hosfl.methods.base import make_optimizer
-from hosfl.run import REPLAYABLE, load_models
+from hosfl.runner import REPLAYABLE, load_models
 
 
 @dataclass
