@@ -13,6 +13,8 @@ from torch import nn
 from hosfl.config import Config
 from hosfl.protocol import Message
 
+NO_SEEDS = torch.empty(0, dtype=torch.int32)  # the StepPlan of a method that does not probe
+
 
 def make_optimizer(
     name: str, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0

@@ -47,12 +47,19 @@ class Server:
             self.weights = parameters_to_vector(model.parameters()).clone()
 
 
-def build(cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard],
-          classes: int) -> Federation:  # fmt: skip
+def build(
+    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
+) -> Federation:
     whole = nn.Sequential(client_model, server_model)
     clients: list[ClientRole] = [Client(s, whole, cfg) for s in shards]
-    return Federation(Server(whole, cfg), clients, client_model, server_model,
-                      client_optimizer=None, client_holds=whole)  # fmt: skip
+    return Federation(
+        Server(whole, cfg),
+        clients,
+        client_model,
+        server_model,
+        client_optimizer=None,
+        client_holds=whole,
+    )
 
 
 def step(t: int, server: Server, engine) -> tuple[float | None, Message]:

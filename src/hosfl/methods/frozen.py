@@ -14,11 +14,9 @@ import torch
 from torch import nn
 
 from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Federation, Shard
+from hosfl.methods.base import NO_SEEDS, ClientRole, Federation, Shard
 from hosfl.methods.hosfl import Server
 from hosfl.protocol import Message, ProtocolError, SmashedData, StepPlan
-
-NO_SEEDS = torch.empty(0, dtype=torch.int32)
 
 
 class Client(ClientRole):
@@ -33,11 +31,17 @@ class Client(ClientRole):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-def build(cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard],
-          classes: int) -> Federation:  # fmt: skip
+def build(
+    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
+) -> Federation:
     clients: list[ClientRole] = [Client(s, client_model, cfg) for s in shards]
-    return Federation(Server(server_model, cfg, classes), clients, client_model, server_model,
-                      client_optimizer=None)  # fmt: skip
+    return Federation(
+        Server(server_model, cfg, classes),
+        clients,
+        client_model,
+        server_model,
+        client_optimizer=None,
+    )
 
 
 def step(t: int, server: Server, engine) -> tuple[float, Message | None]:

@@ -135,10 +135,13 @@ def build(
     server_model: nn.Module,
     shards: list[Shard],
     classes: int,
+    client_class: type = Client,
+    server_class: type = Server,
 ) -> Federation:
+    """All clients share one Replica; HOSL and ZO-SFL reuse this with their own roles."""
     replica = Replica(client_model, cfg)
-    clients: list[ClientRole] = [Client(s, replica, cfg) for s in shards]
-    server = Server(server_model, cfg, classes)
+    clients: list[ClientRole] = [client_class(s, replica, cfg) for s in shards]
+    server = server_class(server_model, cfg, classes)
     return Federation(server, clients, client_model, server_model, replica.optimizer)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from hosfl import zo
 from hosfl.config import Config
+from hosfl.methods import hosfl
 from hosfl.methods.base import ClientRole, Federation, Shard
 from hosfl.methods.hosfl import Replica, Server
 from hosfl.protocol import (
@@ -64,12 +65,10 @@ def _losses(model: nn.Module, zs: dict[int, torch.Tensor], ys: dict[int, torch.T
     return {m: F.cross_entropy(model(zs[m]), ys[m]).double() for m in sorted(zs)}
 
 
-def build(cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard],
-          classes: int, server_class: type = Server) -> Federation:  # fmt: skip
-    replica = Replica(client_model, cfg)
-    clients: list[ClientRole] = [Client(s, replica, cfg) for s in shards]
-    server = server_class(server_model, cfg, classes)
-    return Federation(server, clients, client_model, server_model, replica.optimizer)
+def build(
+    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
+) -> Federation:
+    return hosfl.build(cfg, client_model, server_model, shards, classes, client_class=Client)
 
 
 def step(t: int, server: Server, engine) -> tuple[float, Message]:

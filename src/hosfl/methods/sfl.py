@@ -17,8 +17,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Federation, Shard, load_flat_
-from hosfl.methods.frozen import NO_SEEDS
+from hosfl.methods.base import NO_SEEDS, ClientRole, Federation, Shard, load_flat_
 from hosfl.methods.hosfl import Server
 from hosfl.protocol import (
     CutGradient,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hosfl.methods.frozen import NO_SEEDS
+from hosfl.methods.base import NO_SEEDS
 from hosfl.methods.hosfl import Server
 from hosfl.methods.sfl import build
 from hosfl.protocol import Message, ModelWeights, StepPlan

@@ -41,15 +41,22 @@ class Client(ClientRole):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-def build(cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard],
-          classes: int) -> Federation:  # fmt: skip
+def build(
+    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
+) -> Federation:
     whole = nn.Sequential(client_model, server_model)
     replica = Replica(whole, cfg)
     clients: list[ClientRole] = [Client(s, replica, cfg) for s in shards]
     # The server role only samples, draws seeds and averages: the top layers it is handed are
     # part of ``whole`` and trained by the clients' updates, never by its own optimizer.
-    return Federation(Server(server_model, cfg, classes), clients, client_model, server_model,
-                      replica.optimizer, client_holds=whole)  # fmt: skip
+    return Federation(
+        Server(server_model, cfg, classes),
+        clients,
+        client_model,
+        server_model,
+        replica.optimizer,
+        client_holds=whole,
+    )
 
 
 def step(t: int, server: Server, engine) -> tuple[float | None, Message]:

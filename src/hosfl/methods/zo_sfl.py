@@ -15,7 +15,7 @@ from torch import nn
 
 from hosfl import zo
 from hosfl.config import Config
-from hosfl.methods import hosl
+from hosfl.methods import hosfl, hosl
 from hosfl.methods.base import Federation, Shard
 from hosfl.methods.hosfl import Server
 from hosfl.protocol import SmashedData
@@ -42,6 +42,15 @@ class ZOServer(Server):
         return {}, float(base) / len(smashed)
 
 
-def build(cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard],
-          classes: int) -> Federation:  # fmt: skip
-    return hosl.build(cfg, client_model, server_model, shards, classes, server_class=ZOServer)
+def build(
+    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
+) -> Federation:
+    return hosfl.build(
+        cfg,
+        client_model,
+        server_model,
+        shards,
+        classes,
+        client_class=hosl.Client,
+        server_class=ZOServer,
+    )
