@@ -1,6 +1,15 @@
 import pytest
 
 from hosfl.config import Config
+from hosfl.journal import Journal
+
+
+def journal_entries(folder) -> list[tuple[list[int], list[float]]]:
+    """The (seeds, v̄) rows of RUN/journal.sqlite, as lists."""
+    journal = Journal(folder / "journal.sqlite", create=False)
+    entries = [(s.tolist(), v.tolist()) for s, v in journal.entries()]
+    journal.close()
+    return entries
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import journal_entries as _journal
 
 from hosfl.data import fashion_mnist
 
@@ -71,9 +72,7 @@ def test_a_short_run_then_eval_and_replay_of_its_folder(tmp_path):
     assert rp.returncode == 0 and "bit-identical" in rp.stdout
     cfg_run = hosfl("run", "--config", str(out / "config.toml"), f"out={tmp_path / 'again'}")
     assert cfg_run.returncode == 0, cfg_run.stderr
-    assert (tmp_path / "again" / "history.jsonl").read_bytes() == (
-        out / "history.jsonl"
-    ).read_bytes()
+    assert _journal(tmp_path / "again") == _journal(out)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +87,7 @@ def test_a_short_run_then_eval_and_replay_of_its_folder(tmp_path):
         (["steps=ten"], "steps='ten': expected int"),
         (["partition=random"], "partition='random': must be one of"),
         (["cut=fc9"], "cut='fc9' is not a cut point of fmnist-cnn (valid: conv1, conv2, fc1)"),
-        (["task=cifar"], "unknown task 'cifar' (valid: fmnist-cnn, fmnist-cnn3, fmnist-cnn4)"),
+        (["task=cifar"], "unknown task 'cifar' (valid: fmnist-cnn,"),
         (["clients"], "not of the form key=value"),
         (["--config", "/nonexistent.toml"], "does not exist"),
     ],

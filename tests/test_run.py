@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import journal_entries as _journal
 
 from hosfl import checkpoint, zo
 from hosfl.config import METHODS
@@ -28,12 +29,12 @@ def test_run_folder_holds_config_metrics_history_and_checkpoint(small_cfg):
     assert {
         "config.toml",
         "metrics.jsonl",
-        "history.jsonl",
+        "journal.sqlite",
         "checkpoint.pt",
         "client_init.pt",
         "summary.json",
     } <= names
-    assert sum(1 for _ in checkpoint.read_history(result.out / "history.jsonl")) == 30
+    assert len(_journal(result.out)) == 30
     evals = [r for r in _metrics(result.out) if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [10, 20, 30]
     summary = json.loads((result.out / "summary.json").read_text())
@@ -54,7 +55,7 @@ def test_same_config_and_seed_give_bit_identical_runs(small_cfg, tmp_path):
     b = run(small_cfg(out=str(tmp_path / "b")), log=lambda *a: None)
     c = run(small_cfg(out=str(tmp_path / "c"), seed=1), log=lambda *a: None)
     assert _metrics(a.out) == _metrics(b.out)
-    assert (a.out / "history.jsonl").read_bytes() == (b.out / "history.jsonl").read_bytes()
+    assert _journal(a.out) == _journal(b.out)
     for ma, mb in ((a.client_model, b.client_model), (a.server_model, b.server_model)):
         assert all(
             torch.equal(x, y)

@@ -17,7 +17,7 @@ def _estimate(model, x, lam, seeds, mu):
         values = []
         for s in seeds:
             with zo.perturbed(model, s, mu):
-                values.append(zo.estimate(lam, model(x), z))
+                values.append(zo.estimate(lam, model(x), zo.project(lam, z)))
     before = [p.detach().clone() for p in params]
     zo.apply_update_(params, seeds, values, mu, torch.optim.SGD(params, lr=1.0))
     g = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])

@@ -1,4 +1,4 @@
-"""Checkpoints and the (seeds, v̄) history, written so that a crash never leaves a half file.
+"""Checkpoints, written so that a crash never leaves a half file.
 
 A checkpoint is a ``torch.save`` dict of plain tensors and numbers, read back with
 ``weights_only=True`` (no unpickling of arbitrary objects) and checked before use.
@@ -6,9 +6,7 @@ A checkpoint is a ``torch.save`` dict of plain tensors and numbers, read back wi
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,34 +45,3 @@ def load(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state
-
-
-class HistoryWriter:
-    """Appends one JSON line per step: {"step", "seeds", "scalars"}; flushed every step.
-
-    float32 scalars are written as their exact float64 value, so reading them back gives the
-    same bits."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "a", encoding="utf-8")
-
-    def append(self, step: int, seeds: list[int], scalars: list[float]) -> None:
-        self.file.write(json.dumps({"step": step, "seeds": seeds, "scalars": scalars}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def read_history(path: str | Path) -> Iterator[tuple[list[int], list[float]]]:
-    """The (seeds, v̄) of each step in order; raises CheckpointError on a gap or bad line."""
-    with open(path, encoding="utf-8") as f:
-        for expected, line in enumerate(f):
-            try:
-                entry = json.loads(line)
-                ok = entry["step"] == expected and len(entry["seeds"]) == len(entry["scalars"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise CheckpointError(f"{path}: line {expected + 1} is not step {expected}")
-            yield entry["seeds"], entry["scalars"]

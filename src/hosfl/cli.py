@@ -1,4 +1,4 @@
-"""``hosfl``: run | compare | plot | eval | replay. Argument parsing only; the work is elsewhere.
+"""``hosfl``: run | resume | compare | plot | eval | replay. Argument parsing only.
 
 Every user error (bad config, missing data, corrupt checkpoint) is one line on stderr and exit
 code 2; nothing already on disk is overwritten.
@@ -32,12 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override one setting")
+    rs = sub.add_parser(
+        "resume",
+        help="continue a run that stopped (crash, kill) from its last checkpoint",
+        description="Continue RUN from RUN/checkpoint.pt to its configured steps. Steps redone "
+        "are checked against RUN/journal.sqlite; the result equals an uninterrupted run.",
+    )
+    rs.add_argument("run_folder")
     ev = sub.add_parser("eval", help="test accuracy of a checkpoint")
     ev.add_argument("checkpoint", help="a checkpoint.pt written by hosfl run")
     rp = sub.add_parser(
         "replay",
         help="rebuild a run's client model from its (seeds, v̄) history and check it",
-        description="Replay RUN/history.jsonl from RUN/client_init.pt and compare the result "
+        description="Replay RUN/journal.sqlite from RUN/client_init.pt and compare the result "
         "with the client weights in RUN/checkpoint.pt, bit for bit.",
     )
     rp.add_argument("run_folder")
@@ -75,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             from hosfl.runner import run, summary_table
 
             result = run(Config.load(args.config, args.overrides))
+            print(summary_table(result))
+            if result.summary["diverged_at"] is not None:
+                return 3
+        elif args.command == "resume":
+            from hosfl.runner import resume, summary_table
+
+            result = resume(args.run_folder)
             print(summary_table(result))
             if result.summary["diverged_at"] is not None:
                 return 3

@@ -25,6 +25,8 @@ def _f(default: Any, help: str) -> Any:
 METHODS = ("hosfl", "sfl-v1", "sfl-v2", "zo-sfl", "hosl", "fedavg", "zo-fl", "frozen")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards")
+ENGINES = ("local", "ray")
+AGGREGATES = ("mean", "median", "trimmed")
 
 
 @dataclass
@@ -53,6 +55,11 @@ class Config:
     eval_every: int = _f(250, "evaluate on the test set every N steps (0: only at the end)")
     out: str = _f("", "run folder (empty: runs/<method>-<time>)")
     progress: bool = _f(True, "show a progress bar")
+    snapshot_every: int = _f(100, "write checkpoint.pt every N steps (and at each evaluation)")
+    engine: str = _f("local", f"where clients run: {', '.join(ENGINES)} (ray: hosfl only)")
+    ray_address: str = _f("", "engine=ray: cluster address (empty: start Ray on this machine)")
+    client_timeout: float = _f(60.0, "engine=ray: seconds to wait for a client's reply")
+    aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
 
     def validate(self) -> Config:
         def bad(key: str, why: str) -> ConfigError:
@@ -79,7 +86,11 @@ class Config:
                 raise bad(key, "must be a finite number >= 0")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "must be in [0, 1)")
-        for key in ("train_subset", "test_subset", "eval_every", "seed"):
+        if not (self.client_timeout > 0 and self.client_timeout < float("inf")):
+            raise bad("client_timeout", "must be a finite number > 0")
+        if self.engine == "ray" and self.method != "hosfl":
+            raise bad("engine", f"engine=ray runs method=hosfl only, not {self.method}")
+        for key in ("train_subset", "test_subset", "eval_every", "seed", "snapshot_every"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
         if self.seed >= 2**32:
@@ -89,6 +100,8 @@ class Config:
             "client_optimizer": OPTIMIZERS,
             "server_optimizer": OPTIMIZERS,
             "partition": PARTITIONS,
+            "engine": ENGINES,
+            "aggregate": AGGREGATES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

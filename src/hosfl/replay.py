@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hosfl import checkpoint, zo
+from hosfl.journal import Journal
 from hosfl.methods.base import make_optimizer
 from hosfl.runner import REPLAYABLE, load_models
 
@@ -32,21 +32,27 @@ class ReplayReport:
 
 def replay_run(folder: str | Path) -> ReplayReport:
     folder = Path(folder)
-    history = folder / "history.jsonl"
-    if not history.is_file():
+    path = folder / "journal.sqlite"
+    if not path.is_file():
         raise checkpoint.CheckpointError(
-            f"{history} does not exist (only {', '.join(REPLAYABLE)} runs have one)"
+            f"{path} does not exist (only {', '.join(REPLAYABLE)} runs have one)"
         )
     final = checkpoint.load(folder / "checkpoint.pt")
     cfg, client, _ = load_models(checkpoint.load(folder / "client_init.pt"))
     params = zo.trainable(client)
     optimizer = make_optimizer(cfg.client_optimizer, params, cfg.client_lr, cfg.momentum)
-    entries = itertools.islice(checkpoint.read_history(history), int(final["step"]))
-    steps = zo.replay_(params, entries, cfg.mu, optimizer)
-    if steps != final["step"]:
-        raise checkpoint.CheckpointError(
-            f"{history} has {steps} steps, the checkpoint {final['step']}"
+    journal = Journal(path, create=False)
+    try:
+        if journal.end < final["step"]:
+            raise checkpoint.CheckpointError(
+                f"{path} has {journal.end} steps, the checkpoint {final['step']}"
+            )
+        entries = journal.entries(0, int(final["step"]))
+        steps = zo.replay_(
+            params, ((s.tolist(), v.tolist()) for s, v in entries), cfg.mu, optimizer
         )
+    finally:
+        journal.close()
     live = final["client"]
     replayed = client.state_dict()
     if live.keys() != replayed.keys():

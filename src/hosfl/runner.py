@@ -3,9 +3,11 @@
 Run folder:
     config.toml      the resolved config (``hosfl run --config`` reads it back)
     metrics.jsonl    one line per step ("train") and per evaluation ("eval")
-    history.jsonl    HO-SFL only: (seeds, v̄) per step, the complete log of the client model
+    journal.sqlite   HO-SFL, HOSL, ZO-SFL: (seeds, v̄) per step, the complete log of the client
+                     model, committed before each step's update leaves the server
     client_init.pt   the client weights before step 0 (replay starts here)
-    checkpoint.pt    weights and optimizer states, rewritten at every evaluation
+    checkpoint.pt    weights, optimizer states and byte ledger, rewritten every snapshot_every
+                     steps and at every evaluation (``hosfl resume`` continues from it)
     summary.json     final accuracy, bytes by direction and payload type, wall time
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,12 +30,13 @@ from hosfl import checkpoint, methods, tasks
 from hosfl.config import Config, ConfigError
 from hosfl.data.partition import histogram, split
 from hosfl.engines.local import LocalEngine
+from hosfl.journal import Journal
 from hosfl.methods.base import Federation, Shard
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.metrics.memory import LiveTensorMeter, tensor_bytes
 from hosfl.protocol import Message, ProtocolError
 
-# Methods whose client model moves only by (seeds, v̄) broadcasts: their history.jsonl
+# Methods whose client model moves only by (seeds, v̄) broadcasts: their journal
 # replays the client part from client_init.pt.
 REPLAYABLE = ("hosfl", "hosl", "zo-sfl")
 
@@ -123,12 +127,10 @@ def _state(cfg: Config, fed: Federation, step: int) -> dict:
     return state
 
 
-def _finite(loss: float | None, update: Message | None) -> bool:
-    """False once the loss or the step's update holds NaN or infinity."""
-    if loss is not None and not math.isfinite(loss):
-        return False
+def _finite(update: Message) -> bool:
+    """False if the step's update holds NaN or infinity."""
     try:
-        update is None or update.validate()
+        update.validate()
     except ProtocolError:
         return False
     return True
@@ -144,51 +146,157 @@ def inference_peak(model: nn.Module, shard: Shard, batch_size: int) -> int:
     return meter.peak
 
 
+class Diverged(Exception):
+    """The step's update holds NaN or infinity; it was not broadcast."""
+
+
 def run(cfg: Config, log=print) -> RunResult:
-    """Train ``cfg`` in-process and write its run folder; returns the final figures."""
+    """Train ``cfg`` and write its run folder; returns the final figures."""
     cfg.validate()
-    fed, (x_test, y_test), (labels, *parts) = build(cfg)
+    fed, test, (labels, *parts) = build(cfg)
     out = prepare_out(cfg.out, cfg.method)
     (out / "config.toml").write_text(cfg.to_toml())
     checkpoint.save(
         out / "client_init.pt",
         {"config": cfg.to_dict(), "step": 0, "client": fed.client_model.state_dict(), "server": {}},
     )
+    if log is print:
+        _print_histogram(labels, parts, int(labels.max()) + 1)
+    return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log)
+
+
+def resume(folder: str | Path, log=print) -> RunResult:
+    """Continue the run in ``folder`` from its last checkpoint to ``steps``; the steps redone
+    are checked against the journal (the same (seeds, v̄), bit for bit), and the final weights
+    are those an uninterrupted run reaches."""
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file():
+        raise checkpoint.CheckpointError(f"{folder} is not a run folder (no config.toml)")
+    cfg = Config.load(folder / "config.toml", [f"out={folder}"])
+    last = folder / "checkpoint.pt"
+    state = checkpoint.load(last if last.is_file() else folder / "client_init.pt")
+    if Config.from_dict(state["config"]).to_dict() != Config.load(folder / "config.toml").to_dict():
+        raise checkpoint.CheckpointError(f"{last} belongs to another config than {folder}")
+    start = int(state["step"])
+    if start >= cfg.steps:
+        raise checkpoint.CheckpointError(f"{folder} is complete ({start} of {cfg.steps} steps)")
+    fed, test, _ = build(cfg)
+    fed.client_model.load_state_dict(state["client"])
+    if state["server"]:
+        fed.server_model.load_state_dict(state["server"])
+    if "server_optimizer" in state:
+        fed.server.optimizer.load_state_dict(state["server_optimizer"])
+    if "client_optimizer" in state:
+        fed.client_optimizer.load_state_dict(state["client_optimizer"])
+    if hasattr(fed.clients[0], "replica"):
+        fed.clients[0].replica.step = start
+    ledger = ByteLedger.from_dict(state.get("ledger", {}))
+    _truncate_metrics(folder / "metrics.jsonl", start)
+    log(f"hosfl: resuming {folder} at step {start} of {cfg.steps}")
+    return _train(cfg, fed, test, folder, start, ledger, float(state.get("wall_s", 0.0)), log)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows of steps 1..``step`` (those the checkpoint includes)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by the crash: everything before it is whole
+        if row.get("step", 0) <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _make_engine(cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal):
+    if cfg.engine == "ray":
+        from hosfl.engines.ray import RayEngine
+
+        return RayEngine(cfg, fed, ledger, measure, journal)
+    return LocalEngine(fed.clients, ledger, measure)
+
+
+def _train(
+    cfg: Config,
+    fed: Federation,
+    test: tuple[torch.Tensor, torch.Tensor],
+    out: Path,
+    start: int,
+    ledger: ByteLedger,
+    wall_before: float,
+    log,
+) -> RunResult:
+    x_test, y_test = test
     d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
     d_s = sum(p.numel() for p in fed.server_model.parameters() if p.requires_grad)
     log(
         f"hosfl {cfg.method}: task={cfg.task} cut={cfg.cut} M={cfg.clients} K={cfg.sampled} "
-        f"B={cfg.batch_size} P={cfg.P} steps={cfg.steps} d_c={d_c} d_s={d_s} -> {out}"
+        f"B={cfg.batch_size} P={cfg.P} steps={cfg.steps} d_c={d_c} d_s={d_s} "
+        f"engine={cfg.engine} -> {out}"
     )
-    if log is print:
-        _print_histogram(labels, parts, int(labels.max()) + 1)
-
     holds = tensor_bytes(fed.client_holds)
     infer_peak = holds + inference_peak(fed.client_holds, fed.clients[0].shard, cfg.batch_size)
-    ledger = ByteLedger()
-    # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
-    engine = LocalEngine(fed.clients, ledger, measure_step=min(1, cfg.steps - 1))
     method = methods.get(cfg.method)
-    history = checkpoint.HistoryWriter(out / "history.jsonl") if cfg.method in REPLAYABLE else None
-    metrics = open(out / "metrics.jsonl", "w", encoding="utf-8")
-    start = time.perf_counter()
+    journal = Journal(out / "journal.sqlite") if cfg.method in REPLAYABLE else None
+    # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
+    engine = _make_engine(cfg, fed, ledger, min(1, cfg.steps - 1), journal)
+
+    def commit(update: Message) -> None:
+        """Runs before ``update`` leaves the server: refuse a non-finite one, log it durably
+        (a step redone on resume must give the logged bits)."""
+        if not _finite(update):
+            raise Diverged
+        if journal is None:
+            return
+        if update.step < journal.end:
+            seeds, vbar = journal.entry(update.step)
+            if not (torch.equal(seeds, update.seeds) and torch.equal(vbar, update.values)):
+                raise checkpoint.CheckpointError(
+                    f"step {update.step} redone differs from the journal: not the same run"
+                )
+        else:
+            journal.append(update.step, update.seeds, update.values)
+
+    engine.before_broadcast = commit
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    started = time.perf_counter()
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - started
+
     acc = float("nan")
     diverged = None
     bar = tqdm(
-        range(cfg.steps), disable=not cfg.progress, file=sys.stderr, unit="step", dynamic_ncols=True
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not cfg.progress,
+        file=sys.stderr,
+        unit="step",
+        dynamic_ncols=True,
     )
     try:
         for t in bar:
-            loss, update = method.step(t, fed.server, engine)
-            if not _finite(loss, update):
+            try:
+                loss, update = method.step(t, fed.server, engine)
+            except Diverged:
+                loss = float("nan")
+            for row in getattr(fed.server, "rejections", ()):
+                metrics.write(json.dumps({"event": "reject", **row}) + "\n")
+                log(f"hosfl: step {row['step']}: dropped client {row['client']}: {row['reason']}")
+            getattr(fed.server, "rejections", []).clear()
+            if loss is not None and not math.isfinite(loss):
                 diverged = t + 1
                 log(
                     f"hosfl: training diverged at step {diverged} (loss {loss}); stopped, the "
                     f"last checkpoint is kept. Lower client_lr or server_lr."
                 )
                 break
-            if history is not None:
-                history.append(t, update.seeds.tolist(), update.values.tolist())
             row = {
                 "event": "train",
                 "step": t + 1,
@@ -198,7 +306,8 @@ def run(cfg: Config, log=print) -> RunResult:
             }
             metrics.write(json.dumps(row) + "\n")
             last = t + 1 == cfg.steps
-            if last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0):
+            evaluate_now = last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0)
+            if evaluate_now:
                 acc, test_loss = evaluate(fed.client_model, fed.server_model, x_test, y_test)
                 row = {
                     "event": "eval",
@@ -206,26 +315,31 @@ def run(cfg: Config, log=print) -> RunResult:
                     "test_acc": acc,
                     "test_loss": test_loss,
                     "bytes": ledger.total(),
-                    "wall_s": time.perf_counter() - start,
+                    "wall_s": wall(),
                 }
                 metrics.write(json.dumps(row) + "\n")
+            if evaluate_now or (cfg.snapshot_every and (t + 1) % cfg.snapshot_every == 0):
                 metrics.flush()
-                checkpoint.save(out / "checkpoint.pt", _state(cfg, fed, t + 1))
-            if last or t % 10 == 0 or (cfg.eval_every and (t + 1) % cfg.eval_every == 0):
+                state = _state(cfg, fed, t + 1)
+                checkpoint.save(
+                    out / "checkpoint.pt", {**state, "ledger": ledger.as_dict(), "wall_s": wall()}
+                )
+            if last or t % 10 == 0 or evaluate_now:
                 shown = {} if loss is None else {"loss": f"{loss:.3f}"}
                 bar.set_postfix(**shown, acc=f"{acc:.4f}", refresh=False)
+        engine.close()
     finally:
         metrics.close()
-        if history is not None:
-            history.close()
+        if journal is not None:
+            journal.close()
         bar.close()
-    wall = time.perf_counter() - start
     summary = {
         "method": cfg.method,
+        "engine": cfg.engine,
         "test_acc": acc,
         "steps": cfg.steps,
         "sampled": cfg.sampled,
-        "wall_s": wall,
+        "wall_s": wall(),
         "d_c": d_c,
         "d_s": d_s,
         "bytes": ledger.as_dict(),
@@ -236,7 +350,7 @@ def run(cfg: Config, log=print) -> RunResult:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     done = diverged - 1 if diverged else cfg.steps
-    return RunResult(out, acc, done, wall, ledger, fed.client_model, fed.server_model, summary)
+    return RunResult(out, acc, done, wall(), ledger, fed.client_model, fed.server_model, summary)
 
 
 def summary_table(result: RunResult) -> str:

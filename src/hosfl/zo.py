@@ -1,7 +1,7 @@
 """Zeroth-order primitives: seeds -> directions, and the four verbs of a HO-SFL client.
 
     perturbed(model, seed, mu)      run the model at θ + μ·u(seed) without writing θ
-    estimate(lam, z_perturbed, z)   v = λᵀ (f(θ + μu) − f(θ))
+    estimate(lam, z_perturbed, b)   v = λᵀ f(θ + μu) − b, with b = project(λ, f(θ)) = λᵀ f(θ)
     apply_update_(params, ...)      ĝ = 1/(Pμ) Σ_p v̄_p u_p, one optimizer step on θ
     replay_(params, history, ...)   apply_update_ for every (seeds, v̄) of a history
 
@@ -79,9 +79,17 @@ def perturbed(model: nn.Module, seed: int, mu: float) -> Iterator[None]:
             h.remove()
 
 
-def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, z: torch.Tensor) -> float:
-    """The probe scalar v = λᵀ (f(θ + μu) − f(θ)), accumulated in float64."""
-    return float((lam.double() * (z_perturbed.double() - z.double())).sum())
+def project(lam: torch.Tensor, z: torch.Tensor) -> float:
+    """λᵀ z, accumulated in float64 (a product of two float32 numbers is exact there)."""
+    return float(torch.dot(lam.double().flatten(), z.double().flatten()))
+
+
+def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, base: float) -> float:
+    """The probe scalar v = λᵀ (f(θ + μu) − f(θ)) = λᵀ f(θ + μu) − ``base``, base = λᵀ f(θ).
+
+    Taking λᵀ f(θ) once lets the client drop f(θ) before probing: during the probes it holds
+    its inputs and λ, and nothing else beyond an inference forward."""
+    return project(lam, z_perturbed) - base
 
 
 def _plain_sgd_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float] | None:

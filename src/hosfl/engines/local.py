@@ -3,17 +3,18 @@ reference and every delivery is recorded in the byte ledger at its exact encoded
 
 The engine also times the clients' work, and at one chosen step measures each client's peak
 tensor memory (``metrics.memory``): the client side of a step is whatever runs inside the
-clients' ``handle`` calls, whatever the method."""
+clients' ``handle`` calls, whatever the method. At that step replies cross as encoded bytes,
+so what a client sends is not kept alive in its memory by the server's reference."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from hosfl.methods.base import ClientRole
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
 from hosfl.metrics.memory import LiveTensorMeter
-from hosfl.protocol import Message
+from hosfl.protocol import Message, decode, encode
 
 
 class LocalEngine:
@@ -25,6 +26,7 @@ class LocalEngine:
         self.client_seconds: dict[int, float] = {}  # step -> seconds in clients' handle calls
         self.measure_step = measure_step
         self.meters: dict[int, LiveTensorMeter] = {}  # client id (-1: broadcast) -> meter
+        self.before_broadcast: Callable[[Message], None] = lambda msg: None  # e.g. journal it
 
     @property
     def client_peak_bytes(self) -> int:
@@ -45,7 +47,10 @@ class LocalEngine:
     def _deliver(self, cid: int, msg: Message, meter_id: int) -> Message | None:
         if msg.step == self.measure_step:
             with self.meters.setdefault(meter_id, LiveTensorMeter()):
-                return self.clients[cid].handle(msg)
+                reply = self.clients[cid].handle(msg)
+            # The server gets its own copy, as over a network: the client's tensors are freed
+            # when the client drops them, not kept alive by the server's reference.
+            return None if reply is None else decode(encode(reply))
         start = time.perf_counter()
         reply = self.clients[cid].handle(msg)
         elapsed = time.perf_counter() - start
@@ -62,8 +67,12 @@ class LocalEngine:
             replies[cid] = self.carry(UP, reply)
         return replies
 
+    def close(self) -> None:
+        """Nothing to release in-process."""
+
     def broadcast(self, msg: Message) -> None:
         """Deliver ``msg`` to every client; no replies."""
+        self.before_broadcast(msg)
         received = self.carry(DOWN, msg, copies=len(self.clients))
         for cid in range(len(self.clients)):
             self._deliver(cid, received, -1)

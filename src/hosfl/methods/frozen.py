@@ -15,7 +15,7 @@ from torch import nn
 
 from hosfl.config import Config
 from hosfl.methods.base import NO_SEEDS, ClientRole, Federation, Shard
-from hosfl.methods.hosfl import Server
+from hosfl.methods.hosfl import Server, cut_shape
 from hosfl.protocol import Message, ProtocolError, SmashedData, StepPlan
 
 
@@ -36,7 +36,7 @@ def build(
 ) -> Federation:
     clients: list[ClientRole] = [Client(s, client_model, cfg) for s in shards]
     return Federation(
-        Server(server_model, cfg, classes),
+        Server(server_model, cfg, classes, cut_shape(client_model, shards[0])),
         clients,
         client_model,
         server_model,
@@ -47,5 +47,5 @@ def build(
 def step(t: int, server: Server, engine) -> tuple[float, Message | None]:
     clients, _ = server.plan(t)
     smashed = engine.ask({m: StepPlan(t, NO_SEEDS) for m in clients})
-    _, loss = server.train(smashed)
+    _, loss = server.train(smashed, t)
     return loss, None

@@ -74,10 +74,12 @@ class Client(ClientRole):
                 raise ProtocolError(f"client {self.shard.cid}: λ for step {msg.step} unasked")
             step, x, z, seeds = self._pending
             self._pending = None
+            base = zo.project(msg.lam, z)
+            del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
             values = []
             for seed in seeds:
                 with zo.perturbed(self.replica.model, seed, self.cfg.mu):
-                    values.append(zo.estimate(msg.lam, self.replica.model(x), z))
+                    values.append(zo.estimate(msg.lam, self.replica.model(x), base))
             return ProbeScalars(step, torch.tensor(values, dtype=torch.float32))
         if isinstance(msg, ScalarBroadcast):  # every client applies the same update
             self.replica.apply(msg)
@@ -86,29 +88,76 @@ class Client(ClientRole):
 
 
 class Server:
-    def __init__(self, model: nn.Module, cfg: Config, classes: int) -> None:
-        self.model, self.cfg, self.classes = model, cfg, classes
+    """The server role. Every client message is admitted or rejected with a reason: a rejected
+    contribution is dropped from the step (logged in ``rejections``) and changes nothing."""
+
+    def __init__(self, model: nn.Module, cfg: Config, classes: int, z_shape: tuple) -> None:
+        self.model, self.cfg, self.classes, self.z_shape = model, cfg, classes, z_shape
         self.optimizer = make_optimizer(
             cfg.server_optimizer, model.parameters(), cfg.server_lr, cfg.momentum
         )
+        self.sampled: list[int] = []
+        self.rejections: list[dict] = []
+
+    def reject(self, step: int, cid: int, reason: str) -> None:
+        self.rejections.append({"step": step, "client": cid, "reason": reason})
 
     def plan(self, step: int) -> tuple[list[int], StepPlan]:
-        clients = sample_clients(self.cfg, step)
+        self.sampled = sample_clients(self.cfg, step)
         rng = np.random.default_rng([self.cfg.seed, 1, step])
         seeds = torch.from_numpy(rng.integers(0, 2**31, size=self.cfg.P, dtype=np.int64))
-        return clients, StepPlan(step, seeds.to(torch.int32))
+        return self.sampled, StepPlan(step, seeds.to(torch.int32))
 
-    def train(self, smashed: dict[int, SmashedData]) -> tuple[dict[int, CutGradient], float]:
-        """One optimizer step on θ_s over the K clients' batches; λ_m for each client.
+    def _why_not(self, cid: int, msg: Message, step: int, kind: type) -> str | None:
+        """None if ``msg`` is an acceptable ``kind`` reply of client ``cid`` at ``step``."""
+        if cid not in self.sampled:
+            return f"client {cid} was not sampled at step {step}"
+        if not isinstance(msg, kind):
+            return f"expected {kind.__name__}, got {type(msg).__name__}"
+        if msg.step != step:
+            return f"{kind.__name__} of step {msg.step} at step {step}"
+        try:
+            msg.validate()
+        except ProtocolError as e:
+            return str(e)
+        if isinstance(msg, SmashedData):
+            n = msg.y.shape[0]
+            if tuple(msg.z.shape) != (n, *self.z_shape) or not 0 < n <= self.cfg.batch_size:
+                return (
+                    f"smashed data of shape {tuple(msg.z.shape)} for {n} labels, expected "
+                    f"({n}, {', '.join(map(str, self.z_shape))}) with 1..{self.cfg.batch_size}"
+                )
+            if msg.y.min() < 0 or msg.y.max() >= self.classes:
+                return f"labels outside 0..{self.classes - 1}"
+        if isinstance(msg, ProbeScalars) and msg.values.shape != (self.cfg.P,):
+            return f"expected {self.cfg.P} probe scalars, got {tuple(msg.values.shape)}"
+        return None
+
+    def admit(self, replies: dict[int, Message], step: int, kind: type) -> dict[int, Message]:
+        admitted = {}
+        for cid in sorted(replies):
+            why = self._why_not(cid, replies[cid], step, kind)
+            if why is None:
+                admitted[cid] = replies[cid]
+            else:
+                self.reject(step, cid, why)
+        return admitted
+
+    def train(
+        self, smashed: dict[int, Message], step: int
+    ) -> tuple[dict[int, CutGradient], float | None]:
+        """One optimizer step on θ_s over the admitted clients' batches; λ_m for each.
 
         Each client's loss is backpropagated on its own so that z_m.grad is exactly ∂ℓ_m/∂z_m
-        (the λ of the paper); θ_s's accumulated gradient is then divided by K."""
+        (the λ of the paper); θ_s's accumulated gradient is then divided by their number.
+        With no admissible batch θ_s is left as it is (loss None)."""
+        smashed = self.admit(smashed, step, SmashedData)
+        if not smashed:
+            return {}, None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         lams, total = {}, 0.0
         for cid, msg in smashed.items():
-            if msg.y.numel() and (msg.y.min() < 0 or msg.y.max() >= self.classes):
-                raise ProtocolError(f"client {cid}: labels outside 0..{self.classes - 1}")
             z = msg.z.detach().clone().requires_grad_(True)
             loss = F.cross_entropy(self.model(z), msg.y)
             loss.backward()
@@ -121,12 +170,26 @@ class Server:
         return lams, total / len(smashed)
 
     def aggregate(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
-        """v̄ = mean over clients, accumulated in float64, sent as float32."""
-        for cid, msg in scalars.items():
-            if not isinstance(msg, ProbeScalars) or msg.values.shape != plan.seeds.shape:
-                raise ProtocolError(f"client {cid}: expected {len(plan.seeds)} probe scalars")
-        stacked = torch.stack([scalars[c].values.double() for c in sorted(scalars)])
-        return ScalarBroadcast(plan.step, plan.seeds, stacked.mean(0).float())
+        """v̄ over the admitted clients (``cfg.aggregate``: mean, median, or the mean without
+        each probe's lowest and highest value), in float64, sent as float32. No admissible
+        scalars: v̄ = 0, a step that moves no client."""
+        scalars = self.admit(scalars, plan.step, ProbeScalars)
+        if not scalars:
+            return ScalarBroadcast(plan.step, plan.seeds, torch.zeros(len(plan.seeds)))
+        v = torch.stack([scalars[c].values.double() for c in sorted(scalars)])
+        if self.cfg.aggregate == "median":
+            vbar = v.quantile(0.5, dim=0)
+        elif self.cfg.aggregate == "trimmed" and len(v) > 2:
+            vbar = v.sort(0).values[1:-1].mean(0)
+        else:
+            vbar = v.mean(0)
+        return ScalarBroadcast(plan.step, plan.seeds, vbar.float())
+
+
+@torch.no_grad()
+def cut_shape(client_model: nn.Module, shard: Shard) -> tuple[int, ...]:
+    """The shape of one example's smashed data, which the server checks every upload against."""
+    return tuple(client_model(shard.batch(0, 1)[0]).shape[1:])
 
 
 def build(
@@ -141,7 +204,7 @@ def build(
     """All clients share one Replica; HOSL and ZO-SFL reuse this with their own roles."""
     replica = Replica(client_model, cfg)
     clients: list[ClientRole] = [client_class(s, replica, cfg) for s in shards]
-    server = server_class(server_model, cfg, classes)
+    server = server_class(server_model, cfg, classes, cut_shape(client_model, shards[0]))
     return Federation(server, clients, client_model, server_model, replica.optimizer)
 
 
@@ -149,7 +212,7 @@ def step(t: int, server: Server, engine) -> tuple[float, Message]:
     """One aggregation; returns the training loss and the broadcast (the step's log entry)."""
     clients, plan = server.plan(t)
     smashed = engine.ask({m: plan for m in clients})
-    lams, loss = server.train(smashed)
+    lams, loss = server.train(smashed, t)
     scalars = engine.ask(lams)
     update = server.aggregate(plan, scalars)
     engine.broadcast(update)

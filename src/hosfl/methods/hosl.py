@@ -81,7 +81,7 @@ def step(t: int, server: Server, engine) -> tuple[float, Message]:
         probed = engine.ask({m: ProbeRequest(t, p) for m in clients})
         losses = _losses(server.model, {m: s.z for m, s in probed.items()}, ys)
         values.append(sum(losses[m] - base[m] for m in clients) / len(clients))
-    _, loss = server.train(smashed)
+    _, loss = server.train(smashed, t)
     update = ScalarBroadcast(t, plan.seeds, torch.stack(values).float())
     engine.broadcast(update)
     return loss, update

@@ -18,7 +18,7 @@ from torch.nn.utils import parameters_to_vector
 
 from hosfl.config import Config
 from hosfl.methods.base import NO_SEEDS, ClientRole, Federation, Shard, load_flat_
-from hosfl.methods.hosfl import Server
+from hosfl.methods.hosfl import Server, cut_shape
 from hosfl.protocol import (
     CutGradient,
     Message,
@@ -70,7 +70,7 @@ def build(
             "sfl-v1: clients take one plain SGD step (client_optimizer=sgd, momentum=0)"
         )
     clients: list[ClientRole] = [Client(s, client_model, cfg) for s in shards]
-    server = Server(server_model, cfg, classes)
+    server = Server(server_model, cfg, classes, cut_shape(client_model, shards[0]))
     return Federation(server, clients, client_model, server_model, client_optimizer=None)
 
 
@@ -78,7 +78,7 @@ def step(t: int, server: Server, engine) -> tuple[float, Message]:
     clients, _ = server.plan(t)
     plan = StepPlan(t, NO_SEEDS)  # no probes: no seeds
     smashed = engine.ask({m: plan for m in clients})
-    lams, loss = server.train(smashed)
+    lams, loss = server.train(smashed, t)
     local = engine.ask(lams)
     avg = torch.stack([local[c].weights for c in sorted(local)]).mean(0)
     update = ModelWeights(t, avg)

@@ -25,7 +25,7 @@ def step(t: int, server: Server, engine) -> tuple[float, Message]:
     local, losses = {}, []
     for m in clients:
         smashed = engine.ask({m: StepPlan(t, NO_SEEDS)})
-        lam, loss = server.train(smashed)
+        lam, loss = server.train(smashed, t)
         local.update(engine.ask(lam))
         losses.append(loss)
     update = ModelWeights(t, torch.stack([local[c].weights for c in sorted(local)]).mean(0))

@@ -50,7 +50,7 @@ def build(
     # The server role only samples, draws seeds and averages: the top layers it is handed are
     # part of ``whole`` and trained by the clients' updates, never by its own optimizer.
     return Federation(
-        Server(server_model, cfg, classes),
+        Server(server_model, cfg, classes, z_shape=()),  # no smashed data in ZO-FL
         clients,
         client_model,
         server_model,

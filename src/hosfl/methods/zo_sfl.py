@@ -25,8 +25,10 @@ step = hosl.step
 
 class ZOServer(Server):
     @torch.no_grad()
-    def train(self, smashed: dict[int, SmashedData]) -> tuple[dict, float]:
-        t = next(iter(smashed.values())).step
+    def train(self, smashed: dict[int, SmashedData], t: int) -> tuple[dict, float | None]:
+        smashed = self.admit(smashed, t, SmashedData)
+        if not smashed:
+            return {}, None
         rng = np.random.default_rng([self.cfg.seed, 3, t])
         seeds = rng.integers(0, 2**31, size=self.cfg.P).tolist()
 

@@ -18,6 +18,14 @@ class ByteLedger:
         self.bytes: dict[str, Counter[str]] = {UP: Counter(), DOWN: Counter()}
         self.messages: dict[str, Counter[str]] = {UP: Counter(), DOWN: Counter()}
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, dict[str, int]]) -> ByteLedger:
+        """A ledger holding the byte counts ``as_dict`` returned (a resumed run goes on)."""
+        ledger = cls()
+        for direction, counts in saved.items():
+            ledger.bytes[direction].update({k: int(v) for k, v in counts.items()})
+        return ledger
+
     def record(self, direction: str, msg: Message, copies: int = 1) -> None:
         for payload, n in msg.payload_bytes().items():
             self.bytes[direction][payload] += n * copies

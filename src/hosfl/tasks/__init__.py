@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from hosfl.tasks.base import Task
-from hosfl.tasks.fmnist_cnn import FashionMnistCNN, FashionMnistCNN3, FashionMnistCNN4
+from hosfl.tasks.fmnist_cnn import FashionMnistCNN, FashionMnistCNNWide
 
 _REGISTRY: dict[str, Task] = {}
 
@@ -23,7 +23,6 @@ def get(name: str) -> Task:
 
 
 register_task(FashionMnistCNN())
-register_task(FashionMnistCNN3())
-register_task(FashionMnistCNN4())
+register_task(FashionMnistCNNWide())
 
 __all__ = ["Task", "get", "register_task"]
