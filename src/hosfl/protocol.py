@@ -226,3 +226,24 @@ class ProbeRequest(Message, type_id=7):
     step: int
     probe: int
     SCHEMA: ClassVar = {}
+
+
+@dataclass(frozen=True)
+class CatchUp(Message, type_id=8):
+    """Server -> a client that missed steps: the (seeds, v̄) of steps ``step``.. in order, one
+    row per step, from the server's journal; the client replays them (no weights travel)."""
+
+    step: int
+    seeds: torch.Tensor
+    values: torch.Tensor
+    SCHEMA: ClassVar = {"seeds": Tensor("seeds", I32, 2), "values": Tensor("scalars", F32, 2)}
+
+
+@dataclass(frozen=True)
+class Synced(Message, type_id=9):
+    """Client -> server: my replica of θ_c is at ``step`` (the next update it needs) and its
+    bytes hash to ``digest``; the server compares it with its own record."""
+
+    step: int
+    digest: int
+    SCHEMA: ClassVar = {}

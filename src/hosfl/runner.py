@@ -271,6 +271,7 @@ def _train(
 
     acc = float("nan")
     diverged = None
+    rejected = 0
     bar = tqdm(
         range(start, cfg.steps),
         initial=start,
@@ -286,6 +287,7 @@ def _train(
                 loss, update = method.step(t, fed.server, engine)
             except Diverged:
                 loss = float("nan")
+            rejected += len(getattr(fed.server, "rejections", ()))
             for row in getattr(fed.server, "rejections", ()):
                 metrics.write(json.dumps({"event": "reject", **row}) + "\n")
                 log(f"hosfl: step {row['step']}: dropped client {row['client']}: {row['reason']}")
@@ -347,6 +349,8 @@ def _train(
         "client_inference_peak_bytes": infer_peak,
         "client_ms_per_step": engine.client_ms_per_step(cfg.sampled),
         "diverged_at": diverged,
+        "clients_in_sync": engine.verified,
+        "rejected": rejected,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     done = diverged - 1 if diverged else cfg.steps

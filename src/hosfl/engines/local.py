@@ -70,6 +70,11 @@ class LocalEngine:
     def close(self) -> None:
         """Nothing to release in-process."""
 
+    @property
+    def verified(self) -> int:
+        """In-process every client reads the server's own θ_c: all are in step."""
+        return len(self.clients)
+
     def broadcast(self, msg: Message) -> None:
         """Deliver ``msg`` to every client; no replies."""
         self.before_broadcast(msg)

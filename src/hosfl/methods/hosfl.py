@@ -12,6 +12,8 @@ The engine moves the messages; this file only computes.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from hosfl import zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole, Federation, Shard, make_optimizer, sample_clients
 from hosfl.protocol import (
+    CatchUp,
     CutGradient,
     Message,
     ProbeScalars,
@@ -28,7 +31,17 @@ from hosfl.protocol import (
     ScalarBroadcast,
     SmashedData,
     StepPlan,
+    Synced,
 )
+
+
+def digest(params: list[torch.Tensor]) -> int:
+    """A 63-bit hash of the parameters' bytes: replicas agree bit for bit iff (almost surely)
+    their digests agree."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in params:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 class Replica:
@@ -45,6 +58,7 @@ class Replica:
             cfg.client_optimizer, self.params, cfg.client_lr, cfg.momentum
         )
         self.step = 0  # the next step this replica needs
+        self.cfg_P = cfg.P
 
     def apply(self, msg: ScalarBroadcast) -> None:
         if msg.step < self.step:
@@ -56,6 +70,16 @@ class Replica:
         )
         self.step += 1
 
+    def catch_up(self, msg: CatchUp) -> Synced:
+        """Replay the missed (seeds, v̄) rows that this replica still needs."""
+        if msg.seeds.shape != msg.values.shape or msg.seeds.shape[1:] != (self.cfg_P,):
+            raise ProtocolError(f"catch-up rows of shape {tuple(msg.values.shape)}")
+        if msg.step > self.step:
+            raise ProtocolError(f"replica at step {self.step}, catch-up from step {msg.step}")
+        for i in range(self.step - msg.step, len(msg.seeds)):
+            self.apply(ScalarBroadcast(msg.step + i, msg.seeds[i], msg.values[i]))
+        return Synced(self.step, digest(self.params))
+
 
 class Client(ClientRole):
     def __init__(self, shard: Shard, replica: Replica, cfg: Config) -> None:
@@ -65,6 +89,11 @@ class Client(ClientRole):
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):  # forward pass, smashed data up
+            if self.replica.step != msg.step:
+                raise ProtocolError(
+                    f"client {self.shard.cid}: replica at step {self.replica.step}, "
+                    f"asked for step {msg.step}"
+                )
             x, y = self.shard.batch(msg.step, self.cfg.batch_size)
             z = self.replica.model(x)
             self._pending = (msg.step, x, z, msg.seeds.tolist())

@@ -17,6 +17,7 @@ class ByteLedger:
     def __init__(self) -> None:
         self.bytes: dict[str, Counter[str]] = {UP: Counter(), DOWN: Counter()}
         self.messages: dict[str, Counter[str]] = {UP: Counter(), DOWN: Counter()}
+        self.by_message: dict[str, Counter[str]] = {UP: Counter(), DOWN: Counter()}  # bytes
 
     @classmethod
     def from_dict(cls, saved: dict[str, dict[str, int]]) -> ByteLedger:
@@ -30,6 +31,7 @@ class ByteLedger:
         for payload, n in msg.payload_bytes().items():
             self.bytes[direction][payload] += n * copies
         self.messages[direction][type(msg).__name__] += copies
+        self.by_message[direction][type(msg).__name__] += msg.nbytes() * copies
 
     def total(self, direction: str | None = None) -> int:
         dirs = (direction,) if direction else (UP, DOWN)

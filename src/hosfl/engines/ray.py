@@ -1,0 +1,303 @@
+"""Ray engine: each client is a Ray actor, a process of its own (on this machine or another),
+holding its own data shard and its own replica of θ_c. The server (this process) and the
+actors exchange nothing but encoded protocol messages (bytes); the ledger counts those bytes.
+
+Keeping replicas in step without weights:
+- the clients of a step get its (seeds, v̄) broadcast at once;
+- a client that was not sampled for a while (or that restarted) gets, before its next
+  StepPlan, one CatchUp message with the journal rows it missed, replays them and answers
+  Synced(step, digest); the digest must equal that of the server's own record of θ_c;
+- at the end every client is caught up and checked the same way.
+
+Faults: a client that fails (its process dies, it raises, or it does not answer within
+``client_timeout`` seconds) is killed and restarted by Ray (max_restarts=-1), re-synced from the
+journal, and its part of the step is asked again ``client_retries`` times; a client that still
+fails is dropped from the step with a logged reason, and the step completes with the others.
+Ray's own guarantees are what they are: the actors are reached by the handles this run created
+(the server accepts replies only to its own calls on them), and cluster membership is guarded
+by Ray's token authentication and TLS (docs/DISTRIBUTED.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import ray
+import torch
+
+from hosfl import tasks
+from hosfl.config import Config
+from hosfl.data.partition import split
+from hosfl.journal import Journal
+from hosfl.methods import hosfl
+from hosfl.methods.base import Federation, Shard
+from hosfl.metrics.ledger import DOWN, UP, ByteLedger
+from hosfl.metrics.memory import LiveTensorMeter
+from hosfl.protocol import (
+    CatchUp,
+    Message,
+    ProtocolError,
+    ScalarBroadcast,
+    StepPlan,
+    Synced,
+    decode,
+    encode,
+)
+
+
+class ClientProcess:
+    """One client, in its own process: builds its shard and replica from the config alone."""
+
+    def __init__(self, config: dict, cid: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        cfg = Config.from_dict(config).validate()
+        task = tasks.get(cfg.task)
+        client_model, server_model = task.split_model(cfg.cut, cfg.seed)
+        x, y = task.load("train", cfg.train_subset)
+        parts = split(
+            cfg.partition, y.numpy(), cfg.clients, cfg.seed, cfg.alpha, cfg.shards_per_client
+        )
+        shard = Shard(cid, x, y, parts[cid], cfg.seed)
+        fed = hosfl.build(cfg, client_model, server_model, [shard], task.classes)
+        self.role = fed.clients[0]
+        self.replica = self.role.replica
+        self.measure_step = min(1, cfg.steps - 1)
+        self.peak = 0
+        self.seconds = 0.0
+
+    def handle(self, data: bytes) -> bytes | None:
+        msg = decode(data)
+        if isinstance(msg, CatchUp):
+            return encode(self.replica.catch_up(msg))
+        start = time.perf_counter()
+        if msg.step == self.measure_step and not isinstance(msg, ScalarBroadcast):
+            with LiveTensorMeter() as meter:
+                reply = self.role.handle(msg)
+            self.peak = max(self.peak, meter.peak)
+        else:
+            reply = self.role.handle(msg)
+            self.seconds += time.perf_counter() - start
+        return None if reply is None else encode(reply)
+
+    def state(self) -> bytes:
+        return encode(Synced(self.replica.step, hosfl.digest(self.replica.params)))
+
+    def stats(self) -> tuple[int, float]:
+        return self.peak, self.seconds
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+STARTUP = 300.0  # seconds a client process may take to start (import torch, load its data)
+
+
+class RayEngine:
+    def __init__(
+        self,
+        cfg: Config,
+        fed: Federation,
+        ledger: ByteLedger,
+        measure_step: int | None,
+        journal: Journal,
+        retries: int = 1,
+    ) -> None:
+        self.cfg, self.ledger, self.journal, self.retries = cfg, ledger, journal, retries
+        self.record = fed.clients[0].replica  # the server's own record of θ_c
+        self.server = fed.server
+        self.before_broadcast = lambda msg: None
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            # Ray runs workers at nice 15 by default; a client is on the step's critical path.
+            local = {} if cfg.ray_address else {"_system_config": {"worker_niceness": 0}}
+            ray.init(
+                address=cfg.ray_address or None,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                **local,
+            )
+        actor = ray.remote(ClientProcess)
+        threads = torch.get_num_threads()
+        self.actors = []
+        for cid in range(cfg.clients):
+            # Across machines each client goes to the node that offers its resource
+            # (``ray start --resources='{"hosfl_client_3": 1}'``); on one machine, anywhere.
+            res = {f"hosfl_client_{cid}": 1} if cfg.ray_address else {}
+            opts = dict(num_cpus=0, max_restarts=-1, resources=res)
+            self.actors.append(actor.options(**opts).remote(cfg.to_dict(), cid, threads))
+        self.synced: dict[int, int | None] = dict.fromkeys(range(cfg.clients), None)
+        for cid in range(cfg.clients):  # wait until every client process is up
+            self._state(cid)
+        self._plans: dict[int, StepPlan] = {}
+        self._digests: dict[int, int] = {}
+        self.measure_step = measure_step
+        self.verified = 0  # clients whose θ_c was checked equal to the record at the end
+
+    # --- bytes on the wire ---------------------------------------------------------------
+    def _send(self, cid: int, msg: Message) -> ray.ObjectRef:
+        data = encode(msg)
+        self.ledger.record(DOWN, msg)
+        return self.actors[cid].handle.remote(data)
+
+    def _receive(self, data: bytes) -> Message:
+        msg = decode(data)
+        self.ledger.record(UP, msg)
+        return msg
+
+    def _record_digest(self) -> int:
+        step = self.record.step
+        if step not in self._digests:
+            self._digests = {step: hosfl.digest(self.record.params)}
+        return self._digests[step]
+
+    # --- keeping a client's replica in step ----------------------------------------------
+    def _catch_up(self, cid: int, target: int) -> list[ray.ObjectRef]:
+        """Calls (not awaited) that bring client ``cid`` from its known step to ``target``."""
+        if self.synced[cid] is None:
+            self._state(cid)
+        have = self.synced[cid]
+        if have == target:
+            return []
+        if have > target:
+            raise ProtocolError(f"client {cid} is at step {have}, ahead of the server ({target})")
+        seeds, values = zip(*self.journal.entries(have, target), strict=True)
+        return [self._send(cid, CatchUp(have, torch.stack(seeds), torch.stack(values)))]
+
+    def _state(self, cid: int) -> Synced:
+        """Ask client ``cid`` where its replica is, waiting (up to STARTUP seconds) while its
+        process starts or restarts (loading its data takes a while)."""
+        deadline = time.monotonic() + max(STARTUP, self._timeout)
+        while True:
+            try:
+                reply = decode(ray.get(self.actors[cid].state.remote(), timeout=self._timeout))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.ledger.record(UP, reply)
+        self.synced[cid] = reply.step
+        return reply
+
+    @property
+    def _timeout(self) -> float:
+        return self.cfg.client_timeout
+
+    def _fail(self, cid: int, step: int, why: str) -> None:
+        """Client ``cid`` failed: restart its process; it re-syncs from the journal."""
+        self.server.reject(step, cid, why)
+        ray.kill(self.actors[cid], no_restart=False)
+        self.synced[cid] = None
+
+    def _start(self, cid: int, msgs: list[Message], step: int) -> list | None:
+        """Submit the catch-up ``cid`` needs to be at ``step``, then ``msgs``; not awaited."""
+        try:
+            return self._catch_up(cid, step) + [self._send(cid, m) for m in msgs]
+        except (ray.exceptions.RayError, ProtocolError) as e:
+            self._fail(cid, step, _reason(e))
+            return None
+
+    def _finish(self, cid: int, refs: list, sent: int, step: int) -> tuple[bool, Message | None]:
+        """Await ``refs``: (False, None) if the client failed (it is restarted), else (True,
+        the reply to the last message sent, or None if that reply was malformed: dropped)."""
+        try:
+            out = ray.get(refs, timeout=self._timeout)
+        except ray.exceptions.RayError as e:
+            self._fail(cid, step, _reason(e))
+            return False, None
+        try:
+            if len(out) > sent:
+                synced = self._receive(out[0])
+                if not isinstance(synced, Synced) or synced.step != step:
+                    raise ProtocolError(f"catch-up to step {step} answered {synced}")
+                if synced.digest != self._record_digest():
+                    raise ProtocolError("replica differs from the server's record after catch-up")
+        except ProtocolError as e:
+            self._fail(cid, step, str(e))
+            return False, None
+        self.synced[cid] = step
+        replies = out[len(out) - sent :]
+        try:
+            received = [self._receive(r) for r in replies if r is not None]
+        except ProtocolError as e:
+            self.server.reject(step, cid, str(e))  # malformed: dropped, the client is kept
+            return True, None
+        return True, received[-1] if sent and received else None
+
+    def ask(self, requests: Mapping[int, Message]) -> dict[int, Message]:
+        """Each client's reply to its request. A client that fails is restarted, re-synced and
+        asked again (``retries`` times; a restarted client needs its StepPlan again before a
+        λ); one that still fails is left out of the step (logged)."""
+        for cid, msg in requests.items():
+            if isinstance(msg, StepPlan):
+                self._plans[cid] = msg
+        started = {cid: self._start(cid, [requests[cid]], requests[cid].step) for cid in requests}
+        replies = {}
+        for cid in sorted(requests):
+            msg = requests[cid]
+            ok, reply = False, None
+            if started[cid] is not None:
+                ok, reply = self._finish(cid, started[cid], 1, msg.step)
+            for _ in range(0 if ok else self.retries):
+                todo = [msg] if isinstance(msg, StepPlan) else [self._plans[cid], msg]
+                refs = self._start(cid, todo, msg.step)
+                if refs is not None:
+                    ok, reply = self._finish(cid, refs, len(todo), msg.step)
+                if ok:
+                    break
+            if reply is not None:
+                replies[cid] = reply
+        return replies
+
+    def broadcast(self, msg: Message) -> None:
+        """Journal the update, apply it to the server's record, send it to the step's clients
+        (the others catch up when next sampled). Replies are not awaited: an actor runs its
+        calls in order, and a client that failed to apply shows it at its next call."""
+        self.before_broadcast(msg)
+        self.record.apply(msg)
+        for cid in self.server.sampled:
+            if self.synced[cid] == msg.step:
+                self._send(cid, msg)
+                self.synced[cid] = msg.step + 1
+
+    # --- end of run and figures -----------------------------------------------------------
+    def close(self) -> None:
+        """Bring every client to the final step and check each replica against the record."""
+        target = self.record.step
+        try:
+            for cid in range(self.cfg.clients):
+                for _ in range(1 + self.retries):
+                    refs = self._start(cid, [], target)
+                    if refs is not None and self._finish(cid, refs, 0, target)[0]:
+                        break
+                state = self._state(cid)
+                if state.step != target or state.digest != self._record_digest():
+                    raise ProtocolError(
+                        f"client {cid} could not be brought to the server's θ_c of step {target}"
+                    )
+                self.verified += 1
+            stats = ray.get([a.stats.remote() for a in self.actors], timeout=self._timeout)
+            self._peak = max(p for p, _ in stats)
+            self._seconds = sum(s for _, s in stats)
+        finally:
+            for a in self.actors:
+                ray.kill(a, no_restart=True)
+            if self.started_ray:
+                ray.shutdown()
+
+    @property
+    def client_peak_bytes(self) -> int:
+        return getattr(self, "_peak", 0)
+
+    def client_ms_per_step(self, sampled: int) -> float:
+        steps = self.record.step - (self.measure_step is not None)
+        seconds = getattr(self, "_seconds", float("nan"))
+        return 1000 * seconds / (steps * sampled) if steps > 0 else float("nan")
+
+
+def _reason(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:200]}"

@@ -1,0 +1,84 @@
+"""Crash recovery: a server process killed mid-run and resumed ends exactly where an
+uninterrupted run ends; the steps redone are checked against the journal."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import journal_entries
+
+from hosfl import checkpoint
+from hosfl.runner import resume, run
+
+HOSFL = [sys.executable, "-m", "hosfl.cli"]
+ARGS = [
+    "steps=300",
+    "clients=4",
+    "sampled=2",
+    "batch_size=16",
+    "P=3",
+    "train_subset=3000",
+    "test_subset=500",
+    "eval_every=100",
+    "snapshot_every=25",
+    "progress=false",
+]
+
+
+def _last_step(metrics) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    rows = [json.loads(x) for x in lines[:-1]]  # the last line may be half written
+    return max((r["step"] for r in rows), default=0)
+
+
+def _evals(folder):
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["test_acc"], r["bytes"]) for r in rows if r["event"] == "eval"]
+
+
+def test_a_killed_server_resumed_ends_with_the_uninterrupted_weights(tmp_path):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*HOSFL, "run", *ARGS, f"out={killed}"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _last_step(killed / "metrics.jsonl") < 110 and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at = checkpoint.load(killed / "checkpoint.pt")["step"]
+    assert 100 <= at < 300, at  # killed between snapshots, before the end
+    done = subprocess.run([*HOSFL, "resume", str(killed)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    full = tmp_path / "full"
+    assert (
+        subprocess.run([*HOSFL, "run", *ARGS, f"out={full}"], capture_output=True).returncode == 0
+    )
+    a, b = checkpoint.load(killed / "checkpoint.pt"), checkpoint.load(full / "checkpoint.pt")
+    assert a["step"] == b["step"] == 300
+    for part in ("client", "server"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in b[part])
+    assert journal_entries(killed) == journal_entries(full)
+    assert _evals(killed) == _evals(full)  # the byte ledger, too, went on where it stopped
+    again = subprocess.run([*HOSFL, "resume", str(killed)], capture_output=True, text=True)
+    assert again.returncode == 2 and "is complete" in again.stderr
+
+
+def test_a_journal_that_disagrees_with_the_redone_steps_stops_the_resume(small_cfg, tmp_path):
+    cfg = small_cfg(steps=30, snapshot_every=10, eval_every=0)
+    result = run(cfg, log=lambda *a: None)
+    state = checkpoint.load(result.out / "checkpoint.pt")
+    state["step"] = 10  # pretend the crash came after step 10: steps 10.. are redone
+    state["server"] = {k: v + 1e-3 for k, v in state["server"].items()}  # but from other weights
+    checkpoint.save(result.out / "checkpoint.pt", state)
+    try:
+        resume(result.out, log=lambda *a: None)
+    except checkpoint.CheckpointError as e:
+        assert "differs from the journal" in str(e)
+    else:
+        raise AssertionError("a resume that diverges from the journal must stop")
