@@ -59,6 +59,7 @@ class Config:
     engine: str = _f("local", f"where clients run: {', '.join(ENGINES)} (ray: hosfl only)")
     ray_address: str = _f("", "engine=ray: cluster address (empty: start Ray on this machine)")
     client_timeout: float = _f(60.0, "engine=ray: seconds to wait for a client's reply")
+    client_retries: int = _f(1, "engine=ray: times a failed client is restarted and asked again")
     aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
 
     def validate(self) -> Config:
@@ -90,7 +91,8 @@ class Config:
             raise bad("client_timeout", "must be a finite number > 0")
         if self.engine == "ray" and self.method != "hosfl":
             raise bad("engine", f"engine=ray runs method=hosfl only, not {self.method}")
-        for key in ("train_subset", "test_subset", "eval_every", "seed", "snapshot_every"):
+        keys = ("train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
+        for key in (*keys, "client_retries"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
         if self.seed >= 2**32:

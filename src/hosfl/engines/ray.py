@@ -11,8 +11,9 @@ Keeping replicas in step without weights:
 
 Faults: a client that fails (its process dies, it raises, or it does not answer within
 ``client_timeout`` seconds) is killed and restarted by Ray (max_restarts=-1), re-synced from the
-journal, and its part of the step is asked again ``client_retries`` times; a client that still
-fails is dropped from the step with a logged reason, and the step completes with the others.
+journal, and its part of the step is asked again, up to ``client_retries`` times; a client
+that still fails is dropped from the step with a logged reason, and the step completes with
+the others.
 Ray's own guarantees are what they are: the actors are reached by the handles this run created
 (the server accepts replies only to its own calls on them), and cluster membership is guarded
 by Ray's token authentication and TLS (docs/DISTRIBUTED.md).
@@ -102,9 +103,9 @@ class RayEngine:
         ledger: ByteLedger,
         measure_step: int | None,
         journal: Journal,
-        retries: int = 1,
     ) -> None:
-        self.cfg, self.ledger, self.journal, self.retries = cfg, ledger, journal, retries
+        self.cfg, self.ledger, self.journal = cfg, ledger, journal
+        self.retries = cfg.client_retries
         self.record = fed.clients[0].replica  # the server's own record of θ_c
         self.server = fed.server
         self.before_broadcast = lambda msg: None
