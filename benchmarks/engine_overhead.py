@@ -64,8 +64,10 @@ def main(overrides: list[str]) -> None:
         print(f"ray: {ray_ms:.1f} ms/step", file=sys.stderr, flush=True)
         identical = all(
             torch.equal(a, b)
-            for pa, pb in ((local_fed.client_model, fed.client_model),
-                           (local_fed.server_model, fed.server_model))  # fmt: skip
+            for pa, pb in (
+                (local_fed.client_model, fed.client_model),
+                (local_fed.server_model, fed.server_model),
+            )  # fmt: skip
             for a, b in zip(pa.state_dict().values(), pb.state_dict().values(), strict=True)
         )
         # restart client 0's process: it comes back at step 0 and must replay everything
@@ -95,7 +97,9 @@ def main(overrides: list[str]) -> None:
           f"{same}; {engine.verified} client replicas checked equal to the record")  # fmt: skip
     print(f"catch-up of a client that missed {cfg.steps} steps: {catchup:,} bytes "
           f"(CatchUp + Synced, from the ledger) against {download:,} bytes to download θ_c "
-          f"(d_c = {theta.numel():,}): {download / catchup:.1f}× less")  # fmt: skip
+          f"(d_c = {theta.numel():,}): download / catch-up = {download / catchup:.2f}; "
+          f"replay is the smaller of the two below about d_c/(2P) = "
+          f"{theta.numel() // (2 * cfg.P):,} missed steps")  # fmt: skip
     out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"engine_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -132,6 +132,7 @@ class RayEngine:
         self.synced: dict[int, int | None] = dict.fromkeys(range(cfg.clients), None)
         for cid in range(cfg.clients):  # wait until every client process is up
             self._state(cid)
+        self._pids = ray.get([a.pid.remote() for a in self.actors])
         self._plans: dict[int, StepPlan] = {}
         self._digests: dict[int, int] = {}
         self.measure_step = measure_step
@@ -192,6 +193,17 @@ class RayEngine:
         self.server.reject(step, cid, why)
         ray.kill(self.actors[cid], no_restart=False)
         self.synced[cid] = None
+        # ray.kill returns at once: wait for the new process, so no call reaches the old one
+        deadline = time.monotonic() + STARTUP
+        while time.monotonic() < deadline:
+            try:
+                pid = ray.get(self.actors[cid].pid.remote(), timeout=self._timeout)
+            except ray.exceptions.RayError:
+                pid = self._pids[cid]
+            if pid != self._pids[cid]:
+                self._pids[cid] = pid
+                return
+            time.sleep(0.1)
 
     def _start(self, cid: int, msgs: list[Message], step: int) -> list | None:
         """Submit the catch-up ``cid`` needs to be at ``step``, then ``msgs``; not awaited."""
