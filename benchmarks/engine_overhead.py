@@ -55,6 +55,7 @@ def _train(cfg: Config, engine_name: str, folder: Path):
 
 def main(overrides: list[str]) -> None:
     cfg = Config.load(None, [*DEFAULTS, *overrides])
+    torch.set_num_threads(1)  # as each client process (client_threads=1): identical weights
     ray.init(include_dashboard=False, log_to_driver=False,
              _system_config={"worker_niceness": 0})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +88,8 @@ def main(overrides: list[str]) -> None:
     ray.shutdown()
     command = f"python benchmarks/engine_overhead.py {' '.join(overrides)}".rstrip()
     print(f"\n`{command}`")
-    print(f"settings: {' '.join([*DEFAULTS, *overrides])}; {WARMUP} warm-up steps not timed\n")
+    print(f"settings: {' '.join([*DEFAULTS, *overrides])}; one torch thread per process; "
+          f"{WARMUP} warm-up steps not timed\n")  # fmt: skip
     print("| engine | ms per step | × in-process |")
     print("|---|---|---|")
     print(f"| in-process | {local_ms:.1f} | 1.00 |")

@@ -19,6 +19,10 @@ from hosfl.runner import build, run
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
+    # Client processes use one torch thread (client_threads=1); results depend on the thread
+    # count, so the in-process runs compared with them use one too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -27,6 +31,7 @@ def cluster():
     )
     yield
     ray.shutdown()
+    torch.set_num_threads(threads)
 
 
 def _weights(model):

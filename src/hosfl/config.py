@@ -60,6 +60,9 @@ class Config:
     ray_address: str = _f("", "engine=ray: cluster address (empty: start Ray on this machine)")
     client_timeout: float = _f(60.0, "engine=ray: seconds to wait for a client's reply")
     client_retries: int = _f(1, "engine=ray: times a failed client is restarted and asked again")
+    client_threads: int = _f(
+        1, "engine=ray: torch threads per client process (0: as many as the server process)"
+    )
     aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
 
     def validate(self) -> Config:
@@ -92,7 +95,7 @@ class Config:
         if self.engine == "ray" and self.method != "hosfl":
             raise bad("engine", f"engine=ray runs method=hosfl only, not {self.method}")
         keys = ("train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
-        for key in (*keys, "client_retries"):
+        for key in (*keys, "client_retries", "client_threads"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
         if self.seed >= 2**32:

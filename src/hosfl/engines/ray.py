@@ -121,7 +121,9 @@ class RayEngine:
                 **local,
             )
         actor = ray.remote(ClientProcess)
-        threads = torch.get_num_threads()
+        # The K clients of a step run at once; on one machine more threads each only contend.
+        # (Results depend on the thread count: equal counts give bit-identical runs.)
+        threads = cfg.client_threads or torch.get_num_threads()
         self.actors = []
         for cid in range(cfg.clients):
             # Across machines each client goes to the node that offers its resource
