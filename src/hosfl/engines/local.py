@@ -79,5 +79,8 @@ class LocalEngine:
         """Deliver ``msg`` to every client; no replies."""
         self.before_broadcast(msg)
         received = self.carry(DOWN, msg, copies=len(self.clients))
-        for cid in range(len(self.clients)):
-            self._deliver(cid, received, -1)
+        updated = set()
+        for cid, client in enumerate(self.clients):
+            if id(client.state) not in updated:
+                updated.add(id(client.state))
+                self._deliver(cid, received, -1)

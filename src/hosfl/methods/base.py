@@ -46,6 +46,12 @@ class ClientRole(ABC):
     def handle(self, msg: Message) -> Message | None:
         """Answer one message from the server (None for broadcasts)."""
 
+    @property
+    def state(self) -> object:
+        """What a broadcast updates. In-process, clients that share it (one ``Replica`` for
+        all) are updated by one delivery; the ledger still counts a copy per client."""
+        return self
+
 
 @dataclass
 class Federation:

@@ -41,6 +41,10 @@ class Client(ClientRole):
         self.shard, self.replica, self.cfg = shard, replica, cfg
         self._pending: tuple[int, torch.Tensor, list[int]] | None = None
 
+    @property
+    def state(self) -> object:
+        return self.replica
+
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):

@@ -24,6 +24,10 @@ class Client(ClientRole):
     def __init__(self, shard: Shard, replica: Replica, cfg: Config) -> None:
         self.shard, self.replica, self.cfg = shard, replica, cfg
 
+    @property
+    def state(self) -> object:
+        return self.replica
+
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):
