@@ -41,8 +41,15 @@ def test_run_folder_holds_config_metrics_history_and_checkpoint(small_cfg):
     assert summary["bytes"]["up"]["scalars"] == 30 * 2 * 3 * 4  # steps × K × P × 4 bytes
 
 
-def test_replaying_the_history_gives_the_live_client_weights_bit_for_bit(small_cfg):
-    result = run(small_cfg(client_optimizer="adam", client_lr=1e-3), log=lambda *a: None)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(client_optimizer="adam", client_lr=1e-3),
+        dict(directions="rademacher"),  # counter-hash directions replay just as exactly
+    ],
+)
+def test_replaying_the_history_gives_the_live_client_weights_bit_for_bit(small_cfg, settings):
+    result = run(small_cfg(**settings), log=lambda *a: None)
     report = replay_run(result.out)
     assert report.steps == 30 and report.identical and report.max_abs_diff == 0.0
     init = checkpoint.load(result.out / "client_init.pt")["client"]

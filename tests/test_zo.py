@@ -1,6 +1,7 @@
 """The zeroth-order verbs: directions are reproducible, probes leave θ untouched, and the
 estimate is an unbiased estimate of the true gradient whose error falls as P grows."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,17 +10,17 @@ from torch import nn
 from hosfl import zo
 
 
-def _estimate(model, x, lam, seeds, mu):
+def _estimate(model, x, lam, seeds, mu, kind="gaussian"):
     """ĝ as a client computes it: P probes, then the update verb with SGD(lr=1) on θ."""
     params = zo.trainable(model)
     with torch.no_grad():
         z = model(x)
         values = []
         for s in seeds:
-            with zo.perturbed(model, s, mu):
+            with zo.perturbed(model, s, mu, kind):
                 values.append(zo.estimate(lam, model(x), zo.project(lam, z)))
     before = [p.detach().clone() for p in params]
-    zo.apply_update_(params, seeds, values, mu, torch.optim.SGD(params, lr=1.0))
+    zo.apply_update_(params, seeds, values, mu, torch.optim.SGD(params, lr=1.0), kind)
     g = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
     with torch.no_grad():
         for p, b in zip(params, before, strict=True):
@@ -81,10 +82,10 @@ def test_frozen_parameters_are_neither_perturbed_nor_updated():
     assert torch.equal(seen, frozen)
 
 
-def _mean_and_bound(model, x, lam, n, P, mu):
+def _mean_and_bound(model, x, lam, n, P, mu, kind="gaussian"):
     g = _true_grad(model, x, lam)
     est = torch.stack(
-        [_estimate(model, x, lam, list(range(k * P, (k + 1) * P)), mu) for k in range(n)]
+        [_estimate(model, x, lam, list(range(k * P, (k + 1) * P)), mu, kind) for k in range(n)]
     )
     # For Gaussian u, Var[ĝ_i] = (‖g‖² + g_i²) / P; the mean of n estimates has std sqrt(Var/n).
     std = ((g.pow(2).sum() + g.pow(2)) / (P * n)).sqrt()
@@ -163,3 +164,34 @@ def test_stateless_sgd_update_matches_torch_sgd_without_a_gradient_buffer():
             )
     torch.optim.SGD(pb, lr=0.1).step()
     assert all(torch.allclose(x, y, rtol=0, atol=1e-12) for x, y in zip(pa, pb, strict=True))
+
+
+def _reference_rademacher(seed, index, n):
+    """The spec of ``zo.rademacher`` in plain Python integers: what any device must produce."""
+
+    def mix(x):
+        x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+        x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    key = zo._stream_seed(seed, index)
+    k1, k2 = key & 0xFFFFFFFF, key >> 32 & 0xFFFFFFFF
+    return [1 - 2 * (mix(mix(i ^ k1) ^ k2) >> 31) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "seed, index, shape", [(0, 0, (7,)), (12345, 3, (40, 25)), (2**31 - 1, 9, (3, 4, 5))]
+)
+def test_rademacher_directions_follow_their_integer_spec(seed, index, shape):
+    u = zo.rademacher(seed, index, torch.Size(shape), torch.device("cpu"))
+    assert u.shape == shape and u.dtype == torch.float32
+    assert u.flatten().int().tolist() == _reference_rademacher(seed, index, u.numel())
+    assert abs(float(zo.rademacher(seed, index, torch.Size([20000]), u.device).mean())) < 0.05
+
+
+def test_rademacher_estimate_is_unbiased_on_a_small_mlp():
+    model, x = _mlp()
+    lam = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    # Var[ĝ_i] = (‖g‖² − g_i²) / P for ±1 directions: within the Gaussian bound used here
+    est, g, std = _mean_and_bound(model, x, lam, n=2000, P=4, mu=1e-5, kind="rademacher")
+    assert ((est.mean(0) - g).abs() < 4.5 * std).all()

@@ -26,6 +26,7 @@ METHODS = ("hosfl", "sfl-v1", "sfl-v2", "zo-sfl", "hosl", "fedavg", "zo-fl", "fr
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards")
 ENGINES = ("local", "ray")
+DIRECTIONS = ("gaussian", "rademacher")
 AGGREGATES = ("mean", "median", "trimmed")
 
 
@@ -39,6 +40,10 @@ class Config:
     steps: int = _f(1500, "number of steps (aggregations)")
     P: int = _f(5, "zeroth-order probes per step (shared seeds)")
     mu: float = _f(1e-3, "perturbation scale of the probes")
+    directions: str = _f(
+        "gaussian",
+        f"probe directions: {', '.join(DIRECTIONS)} (rademacher: the same bits on every device)",
+    )
     client_optimizer: str = _f("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}")
     client_lr: float = _f(0.05, "client learning rate")
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
@@ -106,6 +111,7 @@ class Config:
             "server_optimizer": OPTIMIZERS,
             "partition": PARTITIONS,
             "engine": ENGINES,
+            "directions": DIRECTIONS,
             "aggregate": AGGREGATES,
         }
         for key, allowed in choices.items():

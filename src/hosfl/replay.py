@@ -49,7 +49,11 @@ def replay_run(folder: str | Path) -> ReplayReport:
             )
         entries = journal.entries(0, int(final["step"]))
         steps = zo.replay_(
-            params, ((s.tolist(), v.tolist()) for s, v in entries), cfg.mu, optimizer
+            params,
+            ((s.tolist(), v.tolist()) for s, v in entries),
+            cfg.mu,
+            optimizer,
+            cfg.directions,
         )
     finally:
         journal.close()

@@ -19,6 +19,7 @@ parameters of one module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -37,8 +38,38 @@ def _stream_seed(seed: int, index: int) -> int:
     return (x ^ (x >> 31)) & _MASK63
 
 
-def direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
-    """u ~ N(0, I) shaped like parameter number ``index``, regenerated from ``seed``."""
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a · c) mod 2³² for int64 ``a`` in [0, 2³²): split so that no product passes 2⁴⁹."""
+    return (((a >> 16) * (c & 0xFFFF)) << 16) + (a & 0xFFFF) * c & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply, "lowbias32" constants), in int64 ops."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """±1 entries, element i = sign bit of hash(hash(i ⊕ k₁) ⊕ k₂), (k₁, k₂) from (seed, index).
+
+    Integer ops only, computed where the parameter lives: every device (CPU, CUDA, another
+    machine) gets the same bits, unlike torch's per-device generators."""
+    key = _stream_seed(seed, index)
+    i = torch.arange(math.prod(shape), dtype=torch.int64, device=device)
+    h = _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32))
+    return (1 - 2 * (h >> 31)).to(torch.float32).reshape(shape)
+
+
+def direction(seed: int, index: int, like: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:
+    """u shaped like parameter number ``index``, regenerated from ``seed``: N(0, I) from a CPU
+    generator (``gaussian``), or ±1 from a counter hash on the parameter's own device
+    (``rademacher``). Both have E[u uᵀ] = I."""
+    if kind == "rademacher":
+        return rademacher(seed, index, like.shape, like.device).to(like.dtype)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_stream_seed(seed, index))
     u = torch.randn(like.shape, generator=gen, dtype=torch.float32)
@@ -51,7 +82,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextmanager
-def perturbed(model: nn.Module, seed: int, mu: float) -> Iterator[None]:
+def perturbed(model: nn.Module, seed: int, mu: float, kind: str = "gaussian") -> Iterator[None]:
     """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched."""
     index = {id(p): i for i, p in enumerate(trainable(model))}
     handles = []
@@ -64,7 +95,7 @@ def perturbed(model: nn.Module, seed: int, mu: float) -> Iterator[None]:
         def swap_in(mod: nn.Module, args: object, own=own, saved=saved) -> None:
             for name, p in own:
                 saved[name] = p.data
-                p.data = p.data + mu * direction(seed, index[id(p)], p)
+                p.data = p.data + mu * direction(seed, index[id(p)], p, kind)
 
         def swap_back(mod: nn.Module, args: object, out: object, own=own, saved=saved) -> None:
             for name, p in own:
@@ -110,6 +141,7 @@ def apply_update_(
     scalars: Sequence[float],
     mu: float,
     optimizer: torch.optim.Optimizer,
+    kind: str = "gaussian",
 ) -> None:
     """One optimizer step along ĝ = 1/(Pμ) Σ_p v̄_p u_p, built one parameter at a time.
 
@@ -124,7 +156,7 @@ def apply_update_(
         for i, p in enumerate(params):
             g = torch.zeros_like(p)
             for s, c in zip(seeds, coef, strict=True):
-                g.add_(direction(s, i, p), alpha=c)
+                g.add_(direction(s, i, p, kind), alpha=c)
             if lrs is not None:
                 p.add_(g, alpha=-lrs[id(p)])
             else:
@@ -139,10 +171,11 @@ def replay_(
     history: Iterable[tuple[Sequence[int], Sequence[float]]],
     mu: float,
     optimizer: torch.optim.Optimizer,
+    kind: str = "gaussian",
 ) -> int:
     """Bring a client model forward through a (seeds, v̄) history; returns the steps applied."""
     n = 0
     for seeds, scalars in history:
-        apply_update_(params, seeds, scalars, mu, optimizer)
+        apply_update_(params, seeds, scalars, mu, optimizer, kind)
         n += 1
     return n

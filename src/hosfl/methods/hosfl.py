@@ -59,6 +59,7 @@ class Replica:
         )
         self.step = 0  # the next step this replica needs
         self.cfg_P = cfg.P
+        self.kind = cfg.directions
 
     def apply(self, msg: ScalarBroadcast) -> None:
         if msg.step < self.step:
@@ -66,7 +67,12 @@ class Replica:
         if msg.step > self.step:
             raise ProtocolError(f"replica at step {self.step} got the update of step {msg.step}")
         zo.apply_update_(
-            self.params, msg.seeds.tolist(), msg.values.tolist(), self.mu, self.optimizer
+            self.params,
+            msg.seeds.tolist(),
+            msg.values.tolist(),
+            self.mu,
+            self.optimizer,
+            self.kind,
         )
         self.step += 1
 
@@ -111,7 +117,7 @@ class Client(ClientRole):
             del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
             values = []
             for seed in seeds:
-                with zo.perturbed(self.replica.model, seed, self.cfg.mu):
+                with zo.perturbed(self.replica.model, seed, self.cfg.mu, self.cfg.directions):
                     values.append(zo.estimate(msg.lam, self.replica.model(x), base))
             return ProbeScalars(step, torch.tensor(values, dtype=torch.float32))
         if isinstance(msg, ScalarBroadcast):  # every client applies the same update

@@ -55,7 +55,9 @@ class Client(ClientRole):
             if self._pending is None or self._pending[0] != msg.step:
                 raise ProtocolError(f"client {self.shard.cid}: probe for step {msg.step} unasked")
             _, x, seeds = self._pending
-            with zo.perturbed(self.replica.model, seeds[msg.probe], self.cfg.mu):
+            with zo.perturbed(
+                self.replica.model, seeds[msg.probe], self.cfg.mu, self.cfg.directions
+            ):
                 return SmashedData(msg.step, self.replica.model(x), NO_LABELS)
         if isinstance(msg, ScalarBroadcast):
             self._pending = None

@@ -36,7 +36,7 @@ class Client(ClientRole):
             base = F.cross_entropy(model(x), y).double()
             values = []
             for seed in msg.seeds.tolist():
-                with zo.perturbed(model, seed, self.cfg.mu):
+                with zo.perturbed(model, seed, self.cfg.mu, self.cfg.directions):
                     values.append(F.cross_entropy(model(x), y).double() - base)
             return ProbeScalars(msg.step, torch.stack(values).float())
         if isinstance(msg, ScalarBroadcast):

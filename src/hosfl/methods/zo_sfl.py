@@ -38,9 +38,10 @@ class ZOServer(Server):
         base = loss()
         values = []
         for s in seeds:
-            with zo.perturbed(self.model, s, self.cfg.mu):
+            with zo.perturbed(self.model, s, self.cfg.mu, self.cfg.directions):
                 values.append(float((loss() - base) / len(smashed)))
-        zo.apply_update_(zo.trainable(self.model), seeds, values, self.cfg.mu, self.optimizer)
+        params = zo.trainable(self.model)
+        zo.apply_update_(params, seeds, values, self.cfg.mu, self.optimizer, self.cfg.directions)
         return {}, float(base) / len(smashed)
 
 
