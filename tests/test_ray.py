@@ -3,6 +3,7 @@ by replay, a client killed mid-step, and the server's record checked against eve
 
 import os
 import signal
+import struct
 
 import pytest
 import ray
@@ -13,7 +14,7 @@ from hosfl.journal import Journal
 from hosfl.methods import hosfl
 from hosfl.methods.base import sample_clients
 from hosfl.metrics.ledger import ByteLedger
-from hosfl.protocol import CatchUp, decode, encode
+from hosfl.protocol import CatchUp, SmashedData, decode, encode
 from hosfl.runner import build, run
 
 
@@ -106,3 +107,27 @@ def test_a_client_killed_mid_step_is_restarted_resynced_and_the_run_is_unchanged
     )
     assert _identical(fed.client_model, reference.client_model)
     assert _identical(fed.server_model, reference.server_model)
+
+
+def test_malformed_bytes_from_a_client_process_are_dropped_with_a_reason(small_cfg, tmp_path):
+    cfg = small_cfg(clients=2, sampled=1, steps=2, engine="ray", out=str(tmp_path / "r"))
+    fed, _, _ = build(cfg)
+    journal = Journal(tmp_path / "journal.sqlite")
+    engine = RayEngine(cfg, fed, ByteLedger(), None, journal)
+    try:
+        good = encode(SmashedData(0, torch.ones(2, 32, 7, 7), torch.tensor([1, 2])))
+        nan = bytearray(good)
+        nan[-16 - 4 : -16] = struct.pack("<f", float("nan"))  # one z value, on the wire
+        cases = {
+            b"GET / HTTP/1.1\r\n": "not a hosfl v1 message",
+            bytes(nan): "NaN or infinite",
+            good[:-5]: "truncated",
+        }
+        for data, reason in cases.items():
+            ok, reply = engine._finish(0, [ray.put(data)], 1, 0)
+            assert ok and reply is None  # dropped; the client process itself is kept
+            assert reason in fed.server.rejections[-1]["reason"], fed.server.rejections[-1]
+        assert engine.synced[0] == 0 and len(fed.server.rejections) == 3
+    finally:
+        engine.close()
+    assert engine.verified == 2
