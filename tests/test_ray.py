@@ -56,6 +56,8 @@ def test_ray_and_in_process_runs_give_identical_weights_and_every_replica_in_ste
     assert remote.ledger.by_message["down"]["CatchUp"] > 0
     assert "weights" not in remote.ledger.as_dict()["down"]
     assert remote.summary["clients_in_sync"] == 4 and remote.summary["rejected"] == 0
+    # each client process metered its own step: the same tensors as the in-process client
+    assert remote.summary["client_peak_bytes"] == local.summary["client_peak_bytes"]
 
 
 def test_a_client_that_missed_steps_replays_them_to_the_servers_theta_c(small_cfg):
