@@ -215,7 +215,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _make_engine(cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal):
     if cfg.engine == "ray":
-        from hosfl.engines.ray import RayEngine
+        try:
+            from hosfl.engines.ray import RayEngine
+        except ImportError as e:
+            raise ConfigError(f"engine=ray needs Ray ({e}): pip install 'hosfl[ray]'") from None
 
         return RayEngine(cfg, fed, ledger, measure, journal)
     return LocalEngine(fed.clients, ledger, measure)
