@@ -153,6 +153,8 @@ class Diverged(Exception):
 def run(cfg: Config, log=print) -> RunResult:
     """Train ``cfg`` and write its run folder; returns the final figures."""
     cfg.validate()
+    if cfg.engine == "ray":
+        _ray_engine()  # a missing Ray is an error before anything is written
     fed, test, (labels, *parts) = build(cfg)
     out = prepare_out(cfg.out, cfg.method)
     (out / "config.toml").write_text(cfg.to_toml())
@@ -215,13 +217,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _make_engine(cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal):
     if cfg.engine == "ray":
-        try:
-            from hosfl.engines.ray import RayEngine
-        except ImportError as e:
-            raise ConfigError(f"engine=ray needs Ray ({e}): pip install 'hosfl[ray]'") from None
-
-        return RayEngine(cfg, fed, ledger, measure, journal)
+        return _ray_engine()(cfg, fed, ledger, measure, journal)
     return LocalEngine(fed.clients, ledger, measure)
+
+
+def _ray_engine() -> type:
+    try:
+        from hosfl.engines.ray import RayEngine
+    except ImportError as e:
+        raise ConfigError(f"engine=ray needs Ray ({e}): pip install 'hosfl[ray]'") from None
+    return RayEngine
 
 
 def _train(
