@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +26,6 @@ from hosfl import zo
 from hosfl.config import Config
 from hosfl.engines.local import LocalEngine
 from hosfl.methods import hosfl
-from hosfl.methods.base import sample_clients
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.protocol import ScalarBroadcast
 from hosfl.runner import build
@@ -38,8 +36,7 @@ WARMUP = 10
 
 
 def _central_step(t: int, cfg: Config, fed) -> None:
-    sampled = sample_clients(cfg, t)
-    seeds = np.random.default_rng([cfg.seed, 1, t]).integers(0, 2**31, size=cfg.P)
+    sampled, plan = fed.server.plan(t)
     batches = [fed.clients[m].shard.batch(t, cfg.batch_size) for m in sampled]
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     replica, server = fed.clients[0].replica, fed.server
@@ -53,12 +50,10 @@ def _central_step(t: int, cfg: Config, fed) -> None:
     with torch.no_grad():
         base = zo.project(lam, z)
         values = []
-        for s in seeds.tolist():
+        for s in plan.seeds.tolist():
             with zo.perturbed(replica.model, s, cfg.mu):
                 values.append(zo.estimate(lam, replica.model(x), base))
-    replica.apply(
-        ScalarBroadcast(t, torch.from_numpy(seeds).to(torch.int32), torch.tensor(values).float())
-    )
+    replica.apply(ScalarBroadcast(t, plan.seeds, torch.tensor(values).float()))
 
 
 def one(kind: str, overrides: list[str]) -> dict:

@@ -295,11 +295,12 @@ def _train(
                 loss, update = method.step(t, fed.server, engine)
             except Diverged:
                 loss = float("nan")
-            rejected += len(getattr(fed.server, "rejections", ()))
-            for row in getattr(fed.server, "rejections", ()):
+            rejections = getattr(fed.server, "rejections", [])  # FedAvg's server has none
+            rejected += len(rejections)
+            for row in rejections:
                 metrics.write(json.dumps({"event": "reject", **row}) + "\n")
                 log(f"hosfl: step {row['step']}: dropped client {row['client']}: {row['reason']}")
-            getattr(fed.server, "rejections", []).clear()
+            rejections.clear()
             if loss is not None and not math.isfinite(loss):
                 diverged = t + 1
                 log(

@@ -104,7 +104,7 @@ class RayEngine:
         journal: Journal,
     ) -> None:
         self.cfg, self.ledger, self.journal = cfg, ledger, journal
-        self.retries = cfg.client_retries
+        self.retries, self.timeout = cfg.client_retries, cfg.client_timeout
         self.record = fed.clients[0].replica  # the server's own record of θ_c
         self.server = fed.server
         self.before_broadcast = lambda msg: None
@@ -135,9 +135,11 @@ class RayEngine:
             self._state(cid)
         self._pids = ray.get([a.pid.remote() for a in self.actors])
         self._plans: dict[int, StepPlan] = {}
-        self._digests: dict[int, int] = {}
+        self._digest: tuple[int, int] | None = None  # (step, digest) of the record
         self.measure_step = measure_step
         self.verified = 0  # clients whose θ_c was checked equal to the record at the end
+        self.client_peak_bytes = 0  # filled in by close()
+        self._seconds = float("nan")
 
     # --- bytes on the wire ---------------------------------------------------------------
     def _send(self, cid: int, msg: Message) -> ray.ObjectRef:
@@ -151,10 +153,9 @@ class RayEngine:
         return msg
 
     def _record_digest(self) -> int:
-        step = self.record.step
-        if step not in self._digests:
-            self._digests = {step: hosfl.digest(self.record.params)}
-        return self._digests[step]
+        if self._digest is None or self._digest[0] != self.record.step:
+            self._digest = (self.record.step, hosfl.digest(self.record.params))
+        return self._digest[1]
 
     # --- keeping a client's replica in step ----------------------------------------------
     def _catch_up(self, cid: int, target: int) -> list[ray.ObjectRef]:
@@ -172,10 +173,10 @@ class RayEngine:
     def _state(self, cid: int) -> Synced:
         """Ask client ``cid`` where its replica is, waiting (up to STARTUP seconds) while its
         process starts or restarts (loading its data takes a while)."""
-        deadline = time.monotonic() + max(STARTUP, self._timeout)
+        deadline = time.monotonic() + max(STARTUP, self.timeout)
         while True:
             try:
-                reply = decode(ray.get(self.actors[cid].state.remote(), timeout=self._timeout))
+                reply = decode(ray.get(self.actors[cid].state.remote(), timeout=self.timeout))
                 break
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
@@ -184,10 +185,6 @@ class RayEngine:
         self.ledger.record(UP, reply)
         self.synced[cid] = reply.step
         return reply
-
-    @property
-    def _timeout(self) -> float:
-        return self.cfg.client_timeout
 
     def _fail(self, cid: int, step: int, why: str) -> None:
         """Client ``cid`` failed: restart its process; it re-syncs from the journal."""
@@ -198,7 +195,7 @@ class RayEngine:
         deadline = time.monotonic() + STARTUP
         while time.monotonic() < deadline:
             try:
-                pid = ray.get(self.actors[cid].pid.remote(), timeout=self._timeout)
+                pid = ray.get(self.actors[cid].pid.remote(), timeout=self.timeout)
             except ray.exceptions.RayError:
                 pid = self._pids[cid]
             if pid != self._pids[cid]:
@@ -218,7 +215,7 @@ class RayEngine:
         """Await ``refs``: (False, None) if the client failed (it is restarted), else (True,
         the reply to the last message sent, or None if that reply was malformed: dropped)."""
         try:
-            out = ray.get(refs, timeout=self._timeout)
+            out = ray.get(refs, timeout=self.timeout)
         except ray.exceptions.RayError as e:
             self._fail(cid, step, _reason(e))
             return False, None
@@ -293,8 +290,8 @@ class RayEngine:
                         f"client {cid} could not be brought to the server's θ_c of step {target}"
                     )
                 self.verified += 1
-            stats = ray.get([a.stats.remote() for a in self.actors], timeout=self._timeout)
-            self._peak = max(p for p, _ in stats)
+            stats = ray.get([a.stats.remote() for a in self.actors], timeout=self.timeout)
+            self.client_peak_bytes = max(p for p, _ in stats)
             self._seconds = sum(s for _, s in stats)
         finally:
             for a in self.actors:
@@ -302,14 +299,9 @@ class RayEngine:
             if self.started_ray:
                 ray.shutdown()
 
-    @property
-    def client_peak_bytes(self) -> int:
-        return getattr(self, "_peak", 0)
-
     def client_ms_per_step(self, sampled: int) -> float:
         steps = self.record.step - (self.measure_step is not None)
-        seconds = getattr(self, "_seconds", float("nan"))
-        return 1000 * seconds / (steps * sampled) if steps > 0 else float("nan")
+        return 1000 * self._seconds / (steps * sampled) if steps > 0 else float("nan")
 
 
 def _reason(e: Exception) -> str:

@@ -53,13 +53,11 @@ class Replica:
     def __init__(self, model: nn.Module, cfg: Config) -> None:
         self.model = model.eval()  # BatchNorm statistics frozen, dropout off while probing
         self.params = zo.trainable(model)
-        self.mu = cfg.mu
+        self.cfg = cfg
         self.optimizer = make_optimizer(
             cfg.client_optimizer, self.params, cfg.client_lr, cfg.momentum
         )
         self.step = 0  # the next step this replica needs
-        self.cfg_P = cfg.P
-        self.kind = cfg.directions
 
     def apply(self, msg: ScalarBroadcast) -> None:
         if msg.step < self.step:
@@ -70,15 +68,15 @@ class Replica:
             self.params,
             msg.seeds.tolist(),
             msg.values.tolist(),
-            self.mu,
+            self.cfg.mu,
             self.optimizer,
-            self.kind,
+            self.cfg.directions,
         )
         self.step += 1
 
     def catch_up(self, msg: CatchUp) -> Synced:
         """Replay the missed (seeds, v̄) rows that this replica still needs."""
-        if msg.seeds.shape != msg.values.shape or msg.seeds.shape[1:] != (self.cfg_P,):
+        if msg.seeds.shape != msg.values.shape or msg.seeds.shape[1:] != (self.cfg.P,):
             raise ProtocolError(f"catch-up rows of shape {tuple(msg.values.shape)}")
         if msg.step > self.step:
             raise ProtocolError(f"replica at step {self.step}, catch-up from step {msg.step}")
@@ -87,14 +85,22 @@ class Replica:
         return Synced(self.step, digest(self.params))
 
 
-class Client(ClientRole):
+class ReplicaClient(ClientRole):
+    """A client whose model moves only by (seeds, v̄) updates of its Replica (HO-SFL, HOSL,
+    ZO-SFL, ZO-FL): in-process, clients sharing the Replica are updated by one delivery."""
+
     def __init__(self, shard: Shard, replica: Replica, cfg: Config) -> None:
         self.shard, self.replica, self.cfg = shard, replica, cfg
-        self._pending: tuple[int, torch.Tensor, torch.Tensor, list[int]] | None = None
 
     @property
     def state(self) -> object:
         return self.replica
+
+
+class Client(ReplicaClient):
+    def __init__(self, shard: Shard, replica: Replica, cfg: Config) -> None:
+        super().__init__(shard, replica, cfg)
+        self._pending: tuple[int, torch.Tensor, torch.Tensor, list[int]] | None = None
 
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:

@@ -22,8 +22,8 @@ from torch import nn
 from hosfl import zo
 from hosfl.config import Config
 from hosfl.methods import hosfl
-from hosfl.methods.base import ClientRole, Federation, Shard
-from hosfl.methods.hosfl import Replica, Server
+from hosfl.methods.base import Federation, Shard
+from hosfl.methods.hosfl import Replica, ReplicaClient, Server
 from hosfl.protocol import (
     Message,
     ProbeRequest,
@@ -36,14 +36,10 @@ from hosfl.protocol import (
 NO_LABELS = torch.empty(0, dtype=torch.int64)
 
 
-class Client(ClientRole):
+class Client(ReplicaClient):
     def __init__(self, shard: Shard, replica: Replica, cfg: Config) -> None:
-        self.shard, self.replica, self.cfg = shard, replica, cfg
+        super().__init__(shard, replica, cfg)
         self._pending: tuple[int, torch.Tensor, list[int]] | None = None
-
-    @property
-    def state(self) -> object:
-        return self.replica
 
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:

@@ -16,18 +16,11 @@ from torch import nn
 from hosfl import zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole, Federation, Shard
-from hosfl.methods.hosfl import Replica, Server
+from hosfl.methods.hosfl import Replica, ReplicaClient, Server
 from hosfl.protocol import Message, ProbeScalars, ProtocolError, ScalarBroadcast, StepPlan
 
 
-class Client(ClientRole):
-    def __init__(self, shard: Shard, replica: Replica, cfg: Config) -> None:
-        self.shard, self.replica, self.cfg = shard, replica, cfg
-
-    @property
-    def state(self) -> object:
-        return self.replica
-
+class Client(ReplicaClient):
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):
