@@ -13,8 +13,9 @@ from hosfl.checkpoint import CheckpointError
 from hosfl.config import METHODS, Config, ConfigError
 from hosfl.data.fashion_mnist import DataError
 from hosfl.protocol import ProtocolError
+from hosfl.tasks.base import MissingPackage
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ProtocolError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ProtocolError, MissingPackage)
 
 
 def _parser() -> argparse.ArgumentParser:

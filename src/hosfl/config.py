@@ -24,10 +24,11 @@ def _f(default: Any, help: str) -> Any:
 
 METHODS = ("hosfl", "sfl-v1", "sfl-v2", "zo-sfl", "hosl", "fedavg", "zo-fl", "frozen")
 OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
 ENGINES = ("local", "ray")
 DIRECTIONS = ("gaussian", "rademacher")
 AGGREGATES = ("mean", "median", "trimmed")
+LORA = ("none", "client", "server", "both")
 
 
 @dataclass
@@ -51,6 +52,12 @@ class Config:
     momentum: float = _f(0.0, "SGD momentum, client and server")
     local_steps: int = _f(1, "local SGD steps per round (fedavg)")
     cut: str = _f("conv2", "cut point: the last layer the client holds")
+    seq_len: int = _f(0, "text tasks: tokens per example, longer ones cut (0: the task's)")
+    freeze: str = _f("", "comma-separated parameter-name parts to freeze (not trained, not in d_c)")
+    lora: str = _f("none", f"LoRA adapters (peft) on: {', '.join(LORA)}")
+    lora_rank: int = _f(8, "LoRA rank r")
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha (update scaled by alpha/r)")
+    lora_targets: str = _f("", "comma-separated module-name endings that get adapters")
     partition: str = _f("iid", f"data partition: {', '.join(PARTITIONS)}")
     alpha: float = _f(0.5, "Dirichlet concentration (partition=dirichlet)")
     shards_per_client: int = _f(2, "label shards per client (partition=shards)")
@@ -82,12 +89,13 @@ class Config:
             "P",
             "shards_per_client",
             "local_steps",
+            "lora_rank",
         ):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.sampled > self.clients:
             raise bad("sampled", f"cannot sample more clients than clients={self.clients}")
-        for key in ("mu", "alpha"):
+        for key in ("mu", "alpha", "lora_alpha"):
             if not (getattr(self, key) > 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number > 0")
         for key in ("client_lr", "server_lr"):
@@ -99,7 +107,7 @@ class Config:
             raise bad("client_timeout", "must be a finite number > 0")
         if self.engine == "ray" and self.method != "hosfl":
             raise bad("engine", f"engine=ray runs method=hosfl only, not {self.method}")
-        keys = ("train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
+        keys = ("seq_len", "train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
         for key in (*keys, "client_retries", "client_threads"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
@@ -113,6 +121,7 @@ class Config:
             "engine": ENGINES,
             "directions": DIRECTIONS,
             "aggregate": AGGREGATES,
+            "lora": LORA,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -134,6 +143,8 @@ class Config:
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {key!r} (valid: {', '.join(known)})")
             kwargs[key] = _coerce(key, known[key].type, value)
+        for key, value in _task_defaults(kwargs.get("task", cls.task)).items():
+            kwargs.setdefault(key, value)
         return cls(**kwargs)
 
     @classmethod
@@ -159,6 +170,16 @@ class Config:
 
     def to_toml(self) -> str:
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.to_dict().items())
+
+
+def _task_defaults(name: str) -> dict[str, Any]:
+    """The settings a task brings (its cut, learning rates...) under the user's own."""
+    from hosfl import tasks  # the registry imports models; config must stay importable alone
+
+    try:
+        return tasks.get(name).defaults
+    except ValueError:
+        return {}  # an unknown task is reported when the run is built
 
 
 def _coerce(key: str, type_name: str, value: Any) -> Any:

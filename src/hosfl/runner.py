@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from hosfl import checkpoint, methods, tasks
 from hosfl.config import Config, ConfigError
-from hosfl.data.partition import histogram, split
+from hosfl.data.partition import histogram
 from hosfl.engines.local import LocalEngine
 from hosfl.journal import Journal
 from hosfl.methods.base import Federation, Shard
@@ -88,17 +88,14 @@ def prepare_out(out: str, prefix: str) -> Path:
 def build(cfg: Config) -> tuple[Federation, tuple[torch.Tensor, torch.Tensor], list[np.ndarray]]:
     """Data, partitions and the method's federation for ``cfg``; nothing is written."""
     try:
-        task = tasks.get(cfg.task)
         method = methods.get(cfg.method)
-        client_model, server_model = task.split_model(cfg.cut, cfg.seed)
+        task, client_model, server_model = tasks.prepare(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     x, y = task.load("train", cfg.train_subset)
     test = task.load("test", cfg.test_subset)
     try:
-        parts = split(
-            cfg.partition, y.numpy(), cfg.clients, cfg.seed, cfg.alpha, cfg.shards_per_client
-        )
+        parts = task.partition(cfg, y)
         shards = [Shard(m, x, y, idx, cfg.seed) for m, idx in enumerate(parts)]
         fed = method.build(cfg, client_model, server_model, shards, task.classes)
     except ValueError as e:
@@ -386,7 +383,7 @@ def load_models(state: dict) -> tuple[Config, nn.Module, nn.Module]:
     """The config and the (client, server) models a checkpoint describes, weights loaded."""
     try:
         cfg = Config.from_dict(state["config"], source="checkpoint config").validate()
-        client, server = tasks.get(cfg.task).split_model(cfg.cut, cfg.seed)
+        _, client, server = tasks.prepare(cfg)
         client.load_state_dict(state["client"])
         if state["server"]:
             server.load_state_dict(state["server"])
@@ -400,6 +397,6 @@ def evaluate_checkpoint(path: str | Path) -> tuple[float, float, int]:
     """(accuracy, loss, step) of a checkpoint on its task's test set."""
     state = checkpoint.load(path)
     cfg, client, server = load_models(state)
-    x, y = tasks.get(cfg.task).load("test", cfg.test_subset)
+    x, y = tasks.for_config(cfg).load("test", cfg.test_subset)
     acc, loss = evaluate(client, server, x, y)
     return acc, loss, int(state["step"])

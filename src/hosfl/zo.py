@@ -95,7 +95,8 @@ def perturbed(model: nn.Module, seed: int, mu: float, kind: str = "gaussian") ->
         def swap_in(mod: nn.Module, args: object, own=own, saved=saved) -> None:
             for name, p in own:
                 saved[name] = p.data
-                p.data = p.data + mu * direction(seed, index[id(p)], p, kind)
+                # θ + μu built in u's own buffer: one parameter-sized temporary, not three
+                p.data = direction(seed, index[id(p)], p, kind).mul_(mu).add_(p.data)
 
         def swap_back(mod: nn.Module, args: object, out: object, own=own, saved=saved) -> None:
             for name, p in own:

@@ -1,4 +1,5 @@
-"""Split a labelled dataset among M clients: IID, Dirichlet(α) over labels, or label shards.
+"""Split a labelled dataset among M clients: IID, Dirichlet(α) over labels, label shards, or
+by source (each client holds examples of one source only, for data that has sources).
 
 Each partitioner returns one index array per client, drawn from ``np.random.default_rng(seed)``
 so the same seed gives the same split.
@@ -45,8 +46,29 @@ def shards(labels: np.ndarray, clients: int, seed: int, per_client: int) -> list
     ]
 
 
+def by_source(sources: np.ndarray, clients: int, seed: int) -> list[np.ndarray]:
+    """Client k holds source k mod S (S sources), the source's examples split IID among the
+    clients that hold it: a natural non-IID split (reviews of films, products, restaurants)."""
+    names = np.unique(sources)
+    if clients < len(names):
+        raise ValueError(f"partition=by-source needs clients >= {len(names)} (one per source)")
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * clients
+    for s, name in enumerate(names):
+        holders = list(range(s, clients, len(names)))
+        mine = np.flatnonzero(sources == name)
+        for k, sub in zip(holders, iid(sources[mine], len(holders), seed + s), strict=True):
+            parts[k] = mine[sub]
+    return parts
+
+
 def split(
-    kind: str, labels: np.ndarray, clients: int, seed: int, alpha: float, per_client: int
+    kind: str,
+    labels: np.ndarray,
+    clients: int,
+    seed: int,
+    alpha: float,
+    per_client: int,
+    sources: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     if clients > len(labels):
         raise ValueError(f"clients={clients} but only {len(labels)} training examples")
@@ -56,6 +78,10 @@ def split(
         return dirichlet(labels, clients, seed, alpha)
     if kind == "shards":
         return shards(labels, clients, seed, per_client)
+    if kind == "by-source":
+        if sources is None:
+            raise ValueError("partition=by-source: this task's data has no sources")
+        return by_source(sources, clients, seed)
     raise ValueError(f"unknown partition {kind!r}")
 
 

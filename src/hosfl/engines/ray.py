@@ -30,7 +30,6 @@ import torch
 
 from hosfl import tasks
 from hosfl.config import Config
-from hosfl.data.partition import split
 from hosfl.journal import Journal
 from hosfl.methods import hosfl
 from hosfl.methods.base import Federation, Shard
@@ -54,12 +53,9 @@ class ClientProcess:
     def __init__(self, config: dict, cid: int, threads: int) -> None:
         torch.set_num_threads(threads)
         cfg = Config.from_dict(config).validate()
-        task = tasks.get(cfg.task)
-        client_model, server_model = task.split_model(cfg.cut, cfg.seed)
+        task, client_model, server_model = tasks.prepare(cfg)
         x, y = task.load("train", cfg.train_subset)
-        parts = split(
-            cfg.partition, y.numpy(), cfg.clients, cfg.seed, cfg.alpha, cfg.shards_per_client
-        )
+        parts = task.partition(cfg, y)
         shard = Shard(cid, x, y, parts[cid], cfg.seed)
         fed = hosfl.build(cfg, client_model, server_model, [shard], task.classes)
         self.role = fed.clients[0]

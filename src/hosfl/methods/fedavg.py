@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from hosfl import zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole, Federation, Shard, load_flat_, sample_clients
 from hosfl.protocol import Message, ModelWeights, ProtocolError
@@ -26,7 +27,7 @@ class Client(ClientRole):
     def handle(self, msg: Message) -> Message | None:
         if not isinstance(msg, ModelWeights):
             raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
-        params = list(self.model.parameters())
+        params = zo.trainable(self.model)
         load_flat_(params, msg.weights)
         optimizer = torch.optim.SGD(params, lr=self.cfg.client_lr)
         self.model.train()
@@ -44,7 +45,7 @@ class Server:
     def __init__(self, model: nn.Module, cfg: Config) -> None:
         self.model, self.cfg = model, cfg
         with torch.no_grad():
-            self.weights = parameters_to_vector(model.parameters()).clone()
+            self.weights = parameters_to_vector(zo.trainable(model)).clone()
 
 
 def build(
@@ -65,5 +66,5 @@ def build(
 def step(t: int, server: Server, engine) -> tuple[float | None, Message]:
     local = engine.ask({m: ModelWeights(t, server.weights) for m in sample_clients(server.cfg, t)})
     server.weights = torch.stack([local[m].weights for m in sorted(local)]).mean(0)
-    load_flat_(server.model.parameters(), server.weights)
+    load_flat_(zo.trainable(server.model), server.weights)
     return None, ModelWeights(t, server.weights)
