@@ -195,3 +195,36 @@ def test_rademacher_estimate_is_unbiased_on_a_small_mlp():
     # Var[ĝ_i] = (‖g‖² − g_i²) / P for ±1 directions: within the Gaussian bound used here
     est, g, std = _mean_and_bound(model, x, lam, n=2000, P=4, mu=1e-5, kind="rademacher")
     assert ((est.mean(0) - g).abs() < 4.5 * std).all()
+
+
+def test_bf16_probes_with_stochastic_rounding_keep_the_estimate_unbiased():
+    """Weights of magnitude 1-2 have a bfloat16 spacing of 2⁻⁷ ≫ μ = 10⁻³. Round-to-nearest
+    turns most perturbations into 0 and a few into a whole spacing: the mean estimate's norm
+    is far off. Stochastic rounding keeps E[θ + μu] and the estimate's mean on the gradient."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, 6).sign() * (1 + torch.rand(4, 6)))
+    x, lam = torch.randn(16, 6), torch.randn(16, 4)
+    grad = lam.T @ x  # ∂(λᵀ(xWᵀ + b))/∂W
+    mu, draws = 1e-3, 3000
+
+    def mean_estimate(stochastic: bool) -> torch.Tensor:
+        total = torch.zeros(4, 6)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            base = zo.project(lam, lin(x).float())
+            for s in range(draws):
+                with zo.perturbed(lin, s, mu, bf16=stochastic):
+                    v = zo.estimate(lam, lin(x).float(), base)
+                total += v / mu * zo.direction(s, 0, lin.weight)
+        return total / draws
+
+    ratio = {sr: float(mean_estimate(sr).norm() / grad.norm()) for sr in (True, False)}
+    assert 0.9 < ratio[True] < 1.1
+    assert ratio[False] > 1.4
+    w = torch.tensor([1.0 + 2**-9, -1.0 - 2**-9, 3.0])  # a quarter of the way up; exact
+    rounded = torch.stack([zo.round_bf16(w, s, 0) for s in range(4000)])
+    assert torch.equal(rounded.bfloat16().float(), rounded)  # bfloat16 values exactly
+    assert rounded[:, 0].mean().item() == pytest.approx(1.0 + 2**-9, abs=2e-4)
+    assert rounded[:, 1].mean().item() == pytest.approx(-1.0 - 2**-9, abs=2e-4)
+    assert (rounded[:, 2] == 3.0).all()

@@ -29,6 +29,7 @@ ENGINES = ("local", "ray")
 DIRECTIONS = ("gaussian", "rademacher")
 AGGREGATES = ("mean", "median", "trimmed")
 LORA = ("none", "client", "server", "both")
+LR_RULES = ("fixed", "dimension")
 
 
 @dataclass
@@ -47,6 +48,13 @@ class Config:
     )
     client_optimizer: str = _f("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}")
     client_lr: float = _f(0.05, "client learning rate")
+    client_dtype: str = _f(
+        "float32", "hosfl client forwards: float32 or bfloat16 (autocast, stochastic rounding)"
+    )
+    zo_lr_rule: str = _f(
+        "fixed", "zeroth-order client lr: fixed (client_lr) or dimension (zo_lr_scale·P/d_c)"
+    )
+    zo_lr_scale: float = _f(50.0, "zo_lr_rule=dimension: the constant c of c·P/d_c")
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
     server_lr: float = _f(0.05, "server learning rate")
     momentum: float = _f(0.0, "SGD momentum, client and server")
@@ -95,7 +103,7 @@ class Config:
                 raise bad(key, "must be >= 1")
         if self.sampled > self.clients:
             raise bad("sampled", f"cannot sample more clients than clients={self.clients}")
-        for key in ("mu", "alpha", "lora_alpha"):
+        for key in ("mu", "alpha", "lora_alpha", "zo_lr_scale"):
             if not (getattr(self, key) > 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number > 0")
         for key in ("client_lr", "server_lr"):
@@ -105,6 +113,8 @@ class Config:
             raise bad("momentum", "must be in [0, 1)")
         if not (self.client_timeout > 0 and self.client_timeout < float("inf")):
             raise bad("client_timeout", "must be a finite number > 0")
+        if self.client_dtype == "bfloat16" and self.method != "hosfl":
+            raise bad("client_dtype", "bfloat16 client forwards are for method=hosfl only")
         if self.engine == "ray" and self.method != "hosfl":
             raise bad("engine", f"engine=ray runs method=hosfl only, not {self.method}")
         keys = ("seq_len", "train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
@@ -122,6 +132,8 @@ class Config:
             "directions": DIRECTIONS,
             "aggregate": AGGREGATES,
             "lora": LORA,
+            "zo_lr_rule": LR_RULES,
+            "client_dtype": ("float32", "bfloat16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

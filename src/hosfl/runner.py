@@ -239,9 +239,11 @@ def _train(
     x_test, y_test = test
     d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
     d_s = sum(p.numel() for p in fed.server_model.parameters() if p.requires_grad)
+    client_lr = fed.client_optimizer.param_groups[0]["lr"] if fed.client_optimizer else None
     log(
         f"hosfl {cfg.method}: task={cfg.task} cut={cfg.cut} M={cfg.clients} K={cfg.sampled} "
         f"B={cfg.batch_size} P={cfg.P} steps={cfg.steps} d_c={d_c} d_s={d_s} "
+        f"client lr={client_lr if client_lr is not None else cfg.client_lr:.3g} "
         f"engine={cfg.engine} -> {out}"
     )
     holds = tensor_bytes(fed.client_holds)
@@ -350,6 +352,7 @@ def _train(
         "wall_s": wall(),
         "d_c": d_c,
         "d_s": d_s,
+        "client_lr": client_lr if client_lr is not None else cfg.client_lr,
         "bytes": ledger.as_dict(),
         "client_peak_bytes": holds + engine.client_peak_bytes,
         "client_inference_peak_bytes": infer_peak,

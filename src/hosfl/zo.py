@@ -64,6 +64,24 @@ def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -
     return (1 - 2 * (h >> 31)).to(torch.float32).reshape(shape)
 
 
+def round_bf16(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """``w`` (float32) stochastically rounded to a bfloat16 value, held in float32: up or down
+    to a neighbour with probability in proportion to the distance, so E[round(w)] = w.
+
+    A perturbation μu far below bfloat16's resolution (2⁻⁸ relative) would vanish under
+    round-to-nearest, and the zeroth-order estimate with it (biased toward 0 on large weights);
+    stochastically rounded, θ + μu stays unbiased and its bfloat16 cast is exact. The random
+    bits come from the counter hash keyed by (probe seed, parameter index): replicas round
+    alike."""
+    key = _stream_seed(seed, index + (1 << 32))  # a stream apart from the directions'
+    i = torch.arange(w.numel(), dtype=torch.int64, device=w.device)
+    noise = _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32)) & 0xFFFF
+    bits = w.reshape(-1).view(torch.int32).to(torch.int64) & _M32
+    bits = (bits + noise) & 0xFFFF0000  # on the magnitude: away from zero w.p. the remainder
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    return bits.to(torch.int32).view(torch.float32).reshape(w.shape)
+
+
 def direction(seed: int, index: int, like: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:
     """u shaped like parameter number ``index``, regenerated from ``seed``: N(0, I) from a CPU
     generator (``gaussian``), or ±1 from a counter hash on the parameter's own device
@@ -82,8 +100,11 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextmanager
-def perturbed(model: nn.Module, seed: int, mu: float, kind: str = "gaussian") -> Iterator[None]:
-    """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched."""
+def perturbed(
+    model: nn.Module, seed: int, mu: float, kind: str = "gaussian", bf16: bool = False
+) -> Iterator[None]:
+    """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched.
+    With ``bf16`` (a bfloat16 forward) θ + μu is stochastically rounded to bfloat16."""
     index = {id(p): i for i, p in enumerate(trainable(model))}
     handles = []
     for module in model.modules():
@@ -96,7 +117,8 @@ def perturbed(model: nn.Module, seed: int, mu: float, kind: str = "gaussian") ->
             for name, p in own:
                 saved[name] = p.data
                 # θ + μu built in u's own buffer: one parameter-sized temporary, not three
-                p.data = direction(seed, index[id(p)], p, kind).mul_(mu).add_(p.data)
+                w = direction(seed, index[id(p)], p, kind).mul_(mu).add_(p.data)
+                p.data = round_bf16(w, seed, index[id(p)]) if bf16 else w
 
         def swap_back(mod: nn.Module, args: object, out: object, own=own, saved=saved) -> None:
             for name, p in own:

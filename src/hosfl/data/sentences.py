@@ -3,8 +3,8 @@
 Three sources (IMDB, Amazon, Yelp), 1000 sentences each, balanced positive/negative. A fixed
 split, the same for every seed: of each source and class, 400 sentences train and 100 test
 (2400 train, 600 test), each split in a fixed shuffled order so that its first N sentences
-(``train_subset``, ``test_subset``) mix sources and classes. ``load`` returns texts, labels and the source of each sentence, the
-natural non-IID split that ``partition=by-source`` uses.
+(``train_subset``, ``test_subset``) mix sources and classes. ``load`` returns texts, labels
+and the source of each sentence, the natural non-IID split that ``partition=by-source`` uses.
 """
 
 from __future__ import annotations
