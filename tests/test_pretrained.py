@@ -88,6 +88,11 @@ def test_an_unknown_cut_lists_the_valid_names(tmp_path):
         run(Config.load(None, ["task=sentiment-minilm", "cut=encoder.9", f"out={tmp_path}"]))
 
 
+def test_bfloat16_client_forwards_are_for_hosfl_only():
+    with pytest.raises(ConfigError, match="client_dtype"):
+        Config.load(None, ["method=sfl-v1", "client_dtype=bfloat16"])
+
+
 def test_task_defaults_apply_under_the_users_settings():
     assert Config.load(None, ["task=sentiment-minilm"]).cut == "encoder.1"
     assert Config.load(None, ["task=sentiment-minilm", "cut=encoder.4"]).cut == "encoder.4"
@@ -188,4 +193,5 @@ def test_the_frozen_word_embeddings_are_not_in_d_c_and_do_not_move(tmp_path):
     )  # fmt: skip
     total = sum(p.numel() for p in fresh.parameters())
     assert summary["d_c"] == total - 30522 * 384
+    assert summary["client_lr"] == pytest.approx(50 * 2 / summary["d_c"])  # zo_lr_rule
     assert summary["client_peak_bytes"] <= 1.2 * summary["client_inference_peak_bytes"]

@@ -46,6 +46,7 @@ def test_run_folder_holds_config_metrics_history_and_checkpoint(small_cfg):
     [
         dict(client_optimizer="adam", client_lr=1e-3),
         dict(directions="rademacher"),  # counter-hash directions replay just as exactly
+        dict(client_dtype="bfloat16"),  # bfloat16 probes; the update stays float32
     ],
 )
 def test_replaying_the_history_gives_the_live_client_weights_bit_for_bit(small_cfg, settings):

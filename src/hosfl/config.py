@@ -52,7 +52,8 @@ class Config:
         "float32", "hosfl client forwards: float32 or bfloat16 (autocast, stochastic rounding)"
     )
     zo_lr_rule: str = _f(
-        "fixed", "zeroth-order client lr: fixed (client_lr) or dimension (zo_lr_scale·P/d_c)"
+        "fixed",
+        "zeroth-order client lr: fixed (client_lr) or dimension (zo_lr_scale·P/d_c, <= client_lr)",
     )
     zo_lr_scale: float = _f(50.0, "zo_lr_rule=dimension: the constant c of c·P/d_c")
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")

@@ -46,11 +46,12 @@ def digest(params: list[torch.Tensor]) -> int:
 
 def zo_client_lr(cfg: Config, d_c: int) -> float:
     """The zeroth-order client's learning rate: ``client_lr``, or with
-    ``zo_lr_rule=dimension`` zo_lr_scale·P/d_c. The estimate's variance grows as d_c/P, so a
-    rate that suits a small client wrecks a large pretrained one; 50·P/d_c is the rate tuned
-    by hand for both Fashion-MNIST CNNs (0.05 at d_c = 4 800, 0.03 at 10 600; P = 5)."""
+    ``zo_lr_rule=dimension`` zo_lr_scale·P/d_c, at most ``client_lr`` (never a larger step
+    than a first-order client's). The estimate's variance grows as d_c/P, so a rate that suits
+    a small client wrecks a large pretrained one; 50·P/d_c is the rate tuned by hand for both
+    Fashion-MNIST CNNs (0.05 at d_c = 4 800, 0.03 at 10 600; P = 5)."""
     if cfg.zo_lr_rule == "dimension":
-        return cfg.zo_lr_scale * cfg.P / max(d_c, 1)
+        return min(cfg.client_lr, cfg.zo_lr_scale * cfg.P / max(d_c, 1))
     return cfg.client_lr
 
 

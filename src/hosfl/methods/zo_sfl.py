@@ -29,7 +29,7 @@ class ZOServer(Server):
         if cfg.zo_lr_rule == "dimension":  # a zeroth-order server: the same rule as a client
             d_s = sum(p.numel() for p in zo.trainable(model))
             for group in self.optimizer.param_groups:
-                group["lr"] = hosfl.zo_client_lr(cfg, d_s)
+                group["lr"] = min(cfg.server_lr, cfg.zo_lr_scale * cfg.P / max(d_s, 1))
 
     @torch.no_grad()
     def train(self, smashed: dict[int, SmashedData], t: int) -> tuple[dict, float | None]:

@@ -58,10 +58,12 @@ class FashionMnistEffNet(Task):
     cuts = ("stem", *(f"blocks.{i}" for i in range(16)), "conv_head")
     defaults = {
         "cut": "blocks.2",
+        "zo_lr_rule": "dimension",
         "steps": 300,
         "eval_every": 100,
         "train_subset": 6000,
         "test_subset": 2000,
+        "lora_targets": "_project_conv",
     }
 
     def load(self, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +175,12 @@ class Cifar10ResNet18(Task):
     name = "cifar10-resnet18"
     classes = 10
     cuts = ("stem", "layer1", "layer2", "layer3", "layer4")
-    defaults = {"cut": "layer2", "batch_size": 64, "lora_targets": "conv2"}
+    defaults = {
+        "cut": "layer2",
+        "batch_size": 64,
+        "lora_targets": "conv2",
+        "zo_lr_rule": "dimension",
+    }
     weights_url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
     data_url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
