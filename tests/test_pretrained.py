@@ -195,3 +195,14 @@ def test_the_frozen_word_embeddings_are_not_in_d_c_and_do_not_move(tmp_path):
     assert summary["d_c"] == total - 30522 * 384
     assert summary["client_lr"] == pytest.approx(50 * 2 / summary["d_c"])  # zo_lr_rule
     assert summary["client_peak_bytes"] <= 1.2 * summary["client_inference_peak_bytes"]
+
+
+def test_a_hosfl_client_with_a_large_cut_layer_stays_near_inference_memory(tmp_path):
+    """EfficientNet's stem: 928 weights but a 32×32×32 output per image. The probe scalars
+    λᵀf are taken slice by slice; float64 copies of whole tensors made this 2.5×."""
+    cfg = Config.load(None, ["task=fmnist-effnet", "cut=stem", "steps=2", "eval_every=0",
+                             "train_subset=640", "test_subset=64", "progress=false",
+                             f"out={tmp_path}"])  # fmt: skip
+    run(cfg, log=lambda *a: None)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["client_peak_bytes"] <= 1.2 * summary["client_inference_peak_bytes"]

@@ -133,9 +133,18 @@ def perturbed(
             h.remove()
 
 
+_CHUNK = 1 << 17  # elements per float64 slice of λᵀz (1 MiB each)
+
+
 def project(lam: torch.Tensor, z: torch.Tensor) -> float:
-    """λᵀ z, accumulated in float64 (a product of two float32 numbers is exact there)."""
-    return float(torch.dot(lam.double().flatten(), z.double().flatten()))
+    """λᵀ z, accumulated in float64 (a product of two float32 numbers is exact there), one
+    slice at a time: float64 copies of a whole cut-layer tensor would double the client's peak
+    where z is large (an early cut of a vision model)."""
+    lam, z = lam.reshape(-1), z.reshape(-1)
+    return sum(
+        float(torch.dot(lam[i : i + _CHUNK].double(), z[i : i + _CHUNK].double()))
+        for i in range(0, lam.numel(), _CHUNK)
+    )
 
 
 def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, base: float) -> float:
