@@ -2,7 +2,8 @@
 
 For one task, each (cut, method) is one ``hosfl run`` with the same config, data, partition,
 batches, seed and budget; ``--jobs`` runs go at once, each on one torch thread. A finished run
-folder is kept and not run again, so an interrupted sweep picks up where it stopped. Writes
+folder is kept and not run again, so an interrupted sweep picks up where it stopped;
+``--collect`` tabulates what is finished. Writes
 OUT/results.json, OUT/results.md and OUT/cut_sweep.png, and prints the table and the command.
 
     python benchmarks/cut_sweep.py --task sentiment-minilm --cuts embeddings,encoder.1,encoder.3,encoder.5 partition=by-source
@@ -43,8 +44,9 @@ def _plot(rows: list[dict], cuts: list[str], out: Path, task: str) -> None:
     fig, (acc, mem) = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = {r["cut"]: r for r in rows if r["method"] == method}
-        acc.plot(cuts, [mine[c]["final_acc"] for c in cuts], marker="o", label=method)
-        mem.plot(cuts, [mine[c]["client_peak_bytes"] / 2**20 for c in cuts], marker="o",
+        at = [i for i, c in enumerate(cuts) if c in mine]
+        acc.plot(at, [mine[cuts[i]]["final_acc"] for i in at], marker="o", label=method)
+        mem.plot(at, [mine[cuts[i]]["client_peak_bytes"] / 2**20 for i in at], marker="o",
                  label=method)  # fmt: skip
     d_c = {r["cut"]: r["d_c"] for r in rows if r["method"] == "hosfl"}
     acc.set(title=f"{task}: test accuracy by cut", xlabel="cut (last client stage)",
@@ -53,6 +55,7 @@ def _plot(rows: list[dict], cuts: list[str], out: Path, task: str) -> None:
     for ax in (acc, mem):
         ax.grid(alpha=0.3)
         ax.legend()
+    acc.set_xticks(range(len(cuts)), cuts, fontsize=7)
     mem.set_xticks(range(len(cuts)), [f"{c}\nd_c={d_c.get(c, 0):,}" for c in cuts], fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "cut_sweep.png", dpi=120)
@@ -65,23 +68,27 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="")
+    parser.add_argument(
+        "--collect", action="store_true", help="only tabulate the finished runs in --out"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value or METHOD.key=value")
     args = parser.parse_args()
     cuts, methods = args.cuts.split(","), args.methods.split(",")
     out = Path(args.out or f"benchmarks/results/cut_sweep-{args.task}")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for cut in cuts:
-            for m in methods:
-                settings = [f"task={args.task}", f"cut={cut}", *_for(m, args.overrides),
-                            f"method={m}"]  # fmt: skip
-                jobs[cut, m] = pool.submit(_run, out / f"{cut}-{m}", settings)
+    if not args.collect:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for cut in cuts:
+                for m in methods:
+                    settings = [f"task={args.task}", f"cut={cut}", *_for(m, args.overrides),
+                                f"method={m}"]  # fmt: skip
+                    pool.submit(_run, out / f"{cut}-{m}", settings)
     rows = []
     for cut in cuts:
-        at_cut = [_row(jobs[cut, m].result(), None) for m in methods]
+        done = [m for m in methods if (out / f"{cut}-{m}" / "summary.json").exists()]
+        at_cut = [_row(out / f"{cut}-{m}", None) for m in done]
         _gain(at_cut)
-        for r, m in zip(at_cut, methods, strict=True):
+        for r, m in zip(at_cut, done, strict=True):
             summary = json.loads((out / f"{cut}-{m}" / "summary.json").read_text())
             r.update(cut=cut, d_c=summary["d_c"], d_s=summary["d_s"],
                      inference_peak_bytes=summary["client_inference_peak_bytes"])  # fmt: skip

@@ -94,7 +94,7 @@ def test_bfloat16_client_forwards_are_for_hosfl_only():
 
 
 def test_task_defaults_apply_under_the_users_settings():
-    assert Config.load(None, ["task=sentiment-minilm"]).cut == "encoder.1"
+    assert Config.load(None, ["task=sentiment-minilm"]).cut == "encoder.3"
     assert Config.load(None, ["task=sentiment-minilm", "cut=encoder.4"]).cut == "encoder.4"
     assert Config.load(None, []).cut == "conv2"
 
@@ -162,7 +162,7 @@ def test_cifar10_reads_the_binary_archive_without_unpickling(tmp_path, monkeypat
 
 def _minilm(tmp_path, *extra):
     return Config.load(None, ["task=sentiment-minilm", "clients=3", "sampled=2", "steps=2",
-                              "train_subset=300", "test_subset=32", "eval_every=0",
+                              "train_subset=300", "test_subset=32", "eval_every=0", "cut=encoder.1",
                               "progress=false", f"out={tmp_path}", *extra])  # fmt: skip
 
 
