@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from hosfl import tasks
+from hosfl import adapt, tasks
 from hosfl.config import Config, ConfigError
 from hosfl.data import partition, sentences
 from hosfl.data.fashion_mnist import DataError
@@ -57,6 +57,10 @@ def test_opt_stages_compute_what_hf_opt_does_with_right_padding():
     torch.testing.assert_close(staged, whole, rtol=0, atol=1e-5)
     names = [n for n, _ in opt_stages(model).named_children()]
     assert names == ["embeddings", "decoder_0", "decoder_1", "decoder_2", "head"]
+    client = opt_stages(model)[:2]
+    adapt.freeze(client, tasks.get("sst2-opt125m").defaults["freeze"])
+    frozen = [n for n, p in client.named_parameters() if not p.requires_grad]
+    assert frozen == ["embeddings.embed_tokens.weight"]
 
 
 def test_the_server_sends_no_gradient_for_the_padding_mask():

@@ -89,16 +89,17 @@ class OptEmbed(nn.Module):
 
     def __init__(self, decoder: nn.Module, pad_id: int) -> None:
         super().__init__()
-        self.tokens, self.positions = decoder.embed_tokens, decoder.embed_positions
+        # OPT's own names, so that freeze="embed_tokens" finds the token table
+        self.embed_tokens, self.embed_positions = decoder.embed_tokens, decoder.embed_positions
         self.project_in, self.pad_id = decoder.project_in, pad_id
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = (ids != self.pad_id).long()
         position_ids = (mask.cumsum(1) * mask - 1).clamp(min=0)
-        h = self.tokens(ids)
+        h = self.embed_tokens(ids)
         if self.project_in is not None:
             h = self.project_in(h)
-        h = h + self.positions(mask, 0, position_ids=position_ids)
+        h = h + self.embed_positions(mask, 0, position_ids=position_ids)
         return _with_mask(h, mask.unsqueeze(-1))
 
 
