@@ -53,14 +53,18 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _counter_bits(key: int, n: int, device: torch.device) -> torch.Tensor:
+    """32 random bits for each element index 0..n-1: hash(hash(i ⊕ k₁) ⊕ k₂), k = (k₂, k₁)."""
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    return _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32))
+
+
 def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """±1 entries, element i = sign bit of hash(hash(i ⊕ k₁) ⊕ k₂), (k₁, k₂) from (seed, index).
 
     Integer ops only, computed where the parameter lives: every device (CPU, CUDA, another
     machine) gets the same bits, unlike torch's per-device generators."""
-    key = _stream_seed(seed, index)
-    i = torch.arange(math.prod(shape), dtype=torch.int64, device=device)
-    h = _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32))
+    h = _counter_bits(_stream_seed(seed, index), math.prod(shape), device)
     return (1 - 2 * (h >> 31)).to(torch.float32).reshape(shape)
 
 
@@ -74,8 +78,7 @@ def round_bf16(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     bits come from the counter hash keyed by (probe seed, parameter index): replicas round
     alike."""
     key = _stream_seed(seed, index + (1 << 32))  # a stream apart from the directions'
-    i = torch.arange(w.numel(), dtype=torch.int64, device=w.device)
-    noise = _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32)) & 0xFFFF
+    noise = _counter_bits(key, w.numel(), w.device) & 0xFFFF
     bits = w.reshape(-1).view(torch.int32).to(torch.int64) & _M32
     bits = (bits + noise) & 0xFFFF0000  # on the magnitude: away from zero w.p. the remainder
     bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)

@@ -44,15 +44,15 @@ def digest(params: list[torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def zo_client_lr(cfg: Config, d_c: int) -> float:
-    """The zeroth-order client's learning rate: ``client_lr``, or with
-    ``zo_lr_rule=dimension`` zo_lr_scale·P/d_c, at most ``client_lr`` (never a larger step
-    than a first-order client's). The estimate's variance grows as d_c/P, so a rate that suits
+def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
+    """The learning rate of a zeroth-order part of d parameters: ``first_order_lr``, or with
+    ``zo_lr_rule=dimension`` zo_lr_scale·P/d, at most ``first_order_lr`` (never a larger step
+    than first order's). The estimate's variance grows as d_c/P, so a rate that suits
     a small client wrecks a large pretrained one; 50·P/d_c is the rate tuned by hand for both
     Fashion-MNIST CNNs (0.05 at d_c = 4 800, 0.03 at 10 600; P = 5)."""
     if cfg.zo_lr_rule == "dimension":
-        return min(cfg.client_lr, cfg.zo_lr_scale * cfg.P / max(d_c, 1))
-    return cfg.client_lr
+        return min(first_order_lr, cfg.zo_lr_scale * cfg.P / max(d, 1))
+    return first_order_lr
 
 
 class Replica:
@@ -65,8 +65,8 @@ class Replica:
         self.model = model.eval()  # BatchNorm statistics frozen, dropout off while probing
         self.params = zo.trainable(model)
         self.cfg = cfg
-        self.lr = zo_client_lr(cfg, sum(p.numel() for p in self.params))
-        self.optimizer = make_optimizer(cfg.client_optimizer, self.params, self.lr, cfg.momentum)
+        lr = zo_lr(cfg, sum(p.numel() for p in self.params), cfg.client_lr)
+        self.optimizer = make_optimizer(cfg.client_optimizer, self.params, lr, cfg.momentum)
         self.step = 0  # the next step this replica needs
 
     def apply(self, msg: ScalarBroadcast) -> None:

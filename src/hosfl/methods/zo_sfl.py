@@ -26,10 +26,9 @@ step = hosl.step
 class ZOServer(Server):
     def __init__(self, model: nn.Module, cfg: Config, classes: int, z_shape: tuple) -> None:
         super().__init__(model, cfg, classes, z_shape)
-        if cfg.zo_lr_rule == "dimension":  # a zeroth-order server: the same rule as a client
-            d_s = sum(p.numel() for p in zo.trainable(model))
-            for group in self.optimizer.param_groups:
-                group["lr"] = min(cfg.server_lr, cfg.zo_lr_scale * cfg.P / max(d_s, 1))
+        d_s = sum(p.numel() for p in zo.trainable(model))
+        for group in self.optimizer.param_groups:  # a zeroth-order server: a client's rule
+            group["lr"] = hosfl.zo_lr(cfg, d_s, cfg.server_lr)
 
     @torch.no_grad()
     def train(self, smashed: dict[int, SmashedData], t: int) -> tuple[dict, float | None]:
