@@ -180,8 +180,9 @@ def _reference_rademacher(seed, index, n):
 
 
 @pytest.mark.parametrize(
-    "seed, index, shape", [(0, 0, (7,)), (12345, 3, (40, 25)), (2**31 - 1, 9, (3, 4, 5))]
-)
+    "seed, index, shape",
+    [(0, 0, (7,)), (12345, 3, (40, 25)), (2**31 - 1, 9, (3, 4, 5)), (7, 2, (300, 300))],
+)  # the last spans two of the 64 Ki-element slices the hash is computed in
 def test_rademacher_directions_follow_their_integer_spec(seed, index, shape):
     u = zo.rademacher(seed, index, torch.Size(shape), torch.device("cpu"))
     assert u.shape == shape and u.dtype == torch.float32
@@ -228,3 +229,5 @@ def test_bf16_probes_with_stochastic_rounding_keep_the_estimate_unbiased():
     assert rounded[:, 0].mean().item() == pytest.approx(1.0 + 2**-9, abs=2e-4)
     assert rounded[:, 1].mean().item() == pytest.approx(-1.0 - 2**-9, abs=2e-4)
     assert (rounded[:, 2] == 3.0).all()
+    big = torch.randn(70_000)  # hashed in two slices: an element's bits depend on its index only
+    assert torch.equal(zo.round_bf16(big, 5, 1)[:1000], zo.round_bf16(big[:1000], 5, 1))

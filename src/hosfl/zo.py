@@ -53,10 +53,20 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _counter_bits(key: int, n: int, device: torch.device) -> torch.Tensor:
-    """32 random bits for each element index 0..n-1: hash(hash(i ⊕ k₁) ⊕ k₂), k = (k₂, k₁)."""
-    i = torch.arange(n, dtype=torch.int64, device=device)
+def _counter_bits(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """32 random bits for element indices start..stop-1: hash(hash(i ⊕ k₁) ⊕ k₂), k = (k₂, k₁)."""
+    i = torch.arange(start, stop, dtype=torch.int64, device=device)
     return _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32))
+
+
+def _chunks(n: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """Element ranges for counter-hash work: the hash's int64 temporaries are 2-3× a float32
+    tensor's size, so a large parameter is hashed a slice at a time (64 Ki elements on a CPU,
+    where the slice stays in cache; 16 Mi on an accelerator, where launches cost more). Each
+    element's bits depend only on its index, so the slicing never changes them."""
+    step = 1 << 16 if device.type == "cpu" else 1 << 24
+    for a in range(0, n, step):
+        yield a, min(n, a + step)
 
 
 def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -64,8 +74,11 @@ def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -
 
     Integer ops only, computed where the parameter lives: every device (CPU, CUDA, another
     machine) gets the same bits, unlike torch's per-device generators."""
-    h = _counter_bits(_stream_seed(seed, index), math.prod(shape), device)
-    return (1 - 2 * (h >> 31)).to(torch.float32).reshape(shape)
+    key, n = _stream_seed(seed, index), math.prod(shape)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for a, b in _chunks(n, out.device):
+        out[a:b] = 1 - 2 * (_counter_bits(key, a, b, out.device) >> 31)
+    return out.reshape(shape)
 
 
 def round_bf16(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
@@ -78,11 +91,15 @@ def round_bf16(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     bits come from the counter hash keyed by (probe seed, parameter index): replicas round
     alike."""
     key = _stream_seed(seed, index + (1 << 32))  # a stream apart from the directions'
-    noise = _counter_bits(key, w.numel(), w.device) & 0xFFFF
-    bits = w.reshape(-1).view(torch.int32).to(torch.int64) & _M32
-    bits = (bits + noise) & 0xFFFF0000  # on the magnitude: away from zero w.p. the remainder
-    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
-    return bits.to(torch.int32).view(torch.float32).reshape(w.shape)
+    flat = w.reshape(-1)
+    out = torch.empty_like(flat)
+    for a, b in _chunks(flat.numel(), w.device):
+        noise = _counter_bits(key, a, b, w.device) & 0xFFFF
+        bits = flat[a:b].view(torch.int32).to(torch.int64) & _M32
+        bits = (bits + noise) & 0xFFFF0000  # on the magnitude: away from zero w.p. the remainder
+        bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+        out[a:b] = bits.to(torch.int32).view(torch.float32)
+    return out.reshape(w.shape)
 
 
 def direction(seed: int, index: int, like: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:

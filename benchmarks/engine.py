@@ -6,8 +6,8 @@ centralised loop does the same arithmetic per step (same sampled clients, batche
 loss averaged over the K·B examples, so λ is the per-client λ divided by K and its probe scalar
 is already the mean v̄) without roles, messages or an engine.
 
-    python benchmarks/engine_scale.py                 # M = 10, 100, 1000; K=3; 200 steps
-    python benchmarks/engine_scale.py steps=100
+    python benchmarks/engine.py                 # M = 10, 100, 1000; K=3; 200 steps
+    python benchmarks/engine.py steps=100
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main(overrides: list[str]) -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{kind}: {rows[-1]['steps_per_s']:.1f} steps/s", file=sys.stderr, flush=True)
     central = rows[0]
-    command = f"python benchmarks/engine_scale.py {' '.join(overrides)}".rstrip()
+    command = f"python benchmarks/engine.py {' '.join(overrides)}".rstrip()
     print(f"\n`{command}`")
     print(f"settings: {' '.join([*DEFAULTS, *overrides])}, default task; "
           f"{WARMUP} warm-up steps not timed\n")  # fmt: skip
@@ -106,7 +106,7 @@ def main(overrides: list[str]) -> None:
         print(f"| {name} | {r['steps_per_s']:.1f} | {ratio:.2f} | {r['maxrss_mib']:.0f} |")
     out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine_scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = out / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     print(f"written: {path}")
 
