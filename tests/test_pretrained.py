@@ -201,6 +201,20 @@ def test_the_frozen_word_embeddings_are_not_in_d_c_and_do_not_move(tmp_path):
     assert summary["client_peak_bytes"] <= 1.2 * summary["client_inference_peak_bytes"]
 
 
+def test_the_zeroth_order_rate_is_c_p_over_d_under_both_caps():
+    from hosfl.methods.hosfl import zo_lr
+
+    cfg = Config.from_dict({"zo_lr_rule": "dimension", "P": 5})  # c = 50, no zo_lr_max
+    assert zo_lr(cfg, 10_000, 0.05) == pytest.approx(50 * 5 / 10_000)
+    assert zo_lr(cfg, 100, 0.05) == 0.05  # never above the first-order rate
+    capped = Config.from_dict({"zo_lr_rule": "dimension", "P": 5, "zo_lr_max": 3e-4})
+    assert zo_lr(capped, 10_000, 0.05) == 3e-4
+    assert zo_lr(capped, 10_000_000, 0.05) == pytest.approx(50 * 5 / 10_000_000)
+    assert zo_lr(Config.from_dict({"P": 5, "zo_lr_max": 3e-4}), 10_000, 0.05) == 0.05  # fixed
+    with pytest.raises(ConfigError, match="zo_lr_max"):
+        Config.from_dict({"zo_lr_max": -1.0}).validate()
+
+
 def test_a_hosfl_client_with_a_large_cut_layer_stays_near_inference_memory(tmp_path):
     """EfficientNet's stem: 928 weights but a 32×32×32 output per image. The probe scalars
     λᵀf are taken slice by slice; float64 copies of whole tensors made this 2.5×."""

@@ -56,6 +56,9 @@ class Config:
         "zeroth-order client lr: fixed (client_lr) or dimension (zo_lr_scale·P/d_c, <= client_lr)",
     )
     zo_lr_scale: float = _f(50.0, "zo_lr_rule=dimension: the constant c of c·P/d_c")
+    zo_lr_max: float = _f(
+        0.0, "zo_lr_rule=dimension: the largest zeroth-order rate (0: the first-order rate)"
+    )
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
     server_lr: float = _f(0.05, "server learning rate")
     momentum: float = _f(0.0, "SGD momentum, client and server")
@@ -107,7 +110,7 @@ class Config:
         for key in ("mu", "alpha", "lora_alpha", "zo_lr_scale"):
             if not (getattr(self, key) > 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number > 0")
-        for key in ("client_lr", "server_lr"):
+        for key in ("client_lr", "server_lr", "zo_lr_max"):
             if not (getattr(self, key) >= 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number >= 0")
         if not 0 <= self.momentum < 1:

@@ -46,12 +46,17 @@ def digest(params: list[torch.Tensor]) -> int:
 
 def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
     """The learning rate of a zeroth-order part of d parameters: ``first_order_lr``, or with
-    ``zo_lr_rule=dimension`` zo_lr_scale·P/d, at most ``first_order_lr`` (never a larger step
-    than first order's). The estimate's variance grows as d_c/P, so a rate that suits
-    a small client wrecks a large pretrained one; 50·P/d_c is the rate tuned by hand for both
-    Fashion-MNIST CNNs (0.05 at d_c = 4 800, 0.03 at 10 600; P = 5)."""
+    ``zo_lr_rule=dimension`` zo_lr_scale·P/d, at most ``zo_lr_max`` (when set) and at most
+    ``first_order_lr`` (never a larger step than first order's).
+
+    The update moves each weight by lr·ĝ with E‖ĝ‖² ≈ (d/P)‖∇‖², so the harm it does grows as
+    lr²·d/P where every weight matters alike (50·P/d_c is the rate tuned by hand for both
+    Fashion-MNIST CNNs: 0.05 at d_c = 4 800, 0.03 at 10 600; P = 5). Where a few weights matter
+    far more than the rest (a pretrained network's early depthwise convolutions behind
+    BatchNorm) they alone set a safe rate, whatever d is: ``zo_lr_max``."""
     if cfg.zo_lr_rule == "dimension":
-        return min(first_order_lr, cfg.zo_lr_scale * cfg.P / max(d, 1))
+        cap = min(first_order_lr, cfg.zo_lr_max or first_order_lr)
+        return min(cap, cfg.zo_lr_scale * cfg.P / max(d, 1))
     return first_order_lr
 
 
