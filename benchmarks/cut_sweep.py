@@ -30,7 +30,7 @@ def _run(folder: Path, settings: list[str]) -> Path:
         return folder
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "hosfl.cli", "run", *settings, "progress=false", f"out={folder}"]
-    with open(folder.with_suffix(".log"), "w") as log:
+    with open(folder.parent / f"{folder.name}.log", "w") as log:  # cut names hold dots
         subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return folder
 
