@@ -49,9 +49,14 @@ def _row(folder: Path, target: float | None) -> dict:
     return row
 
 
+MIN_GAIN = 0.01  # SplitFed V1 over the frozen client below which "gain recovered" is noise
+
+
 def _gain(rows: list[dict]) -> None:
+    """gain recovered = (acc − frozen) / (SplitFed V1 − frozen), defined where SplitFed V1 gains
+    at least ``MIN_GAIN`` over the frozen client (else a ratio of two noises: None)."""
     acc = {r["method"]: r["final_acc"] for r in rows}
-    ok = "frozen" in acc and "sfl-v1" in acc and acc["sfl-v1"] != acc["frozen"]
+    ok = "frozen" in acc and "sfl-v1" in acc and acc["sfl-v1"] - acc["frozen"] >= MIN_GAIN
     for r in rows:
         r["gain_recovered"] = (
             (r["final_acc"] - acc["frozen"]) / (acc["sfl-v1"] - acc["frozen"]) if ok else None
