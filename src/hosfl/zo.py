@@ -59,14 +59,18 @@ def _counter_bits(key: int, start: int, stop: int, device: torch.device) -> torc
     return _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32))
 
 
-def _chunks(n: int, device: torch.device) -> Iterator[tuple[int, int]]:
+def _slices(n: int, step: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges covering 0..n-1, ``step`` elements each (the last one shorter)."""
+    for a in range(0, n, step):
+        yield a, min(n, a + step)
+
+
+def _hash_slices(n: int, device: torch.device) -> Iterator[tuple[int, int]]:
     """Element ranges for counter-hash work: the hash's int64 temporaries are 2-3× a float32
     tensor's size, so a large parameter is hashed a slice at a time (64 Ki elements on a CPU,
     where the slice stays in cache; 16 Mi on an accelerator, where launches cost more). Each
     element's bits depend only on its index, so the slicing never changes them."""
-    step = 1 << 16 if device.type == "cpu" else 1 << 24
-    for a in range(0, n, step):
-        yield a, min(n, a + step)
+    return _slices(n, 1 << 16 if device.type == "cpu" else 1 << 24)
 
 
 def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -76,7 +80,7 @@ def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -
     machine) gets the same bits, unlike torch's per-device generators."""
     key, n = _stream_seed(seed, index), math.prod(shape)
     out = torch.empty(n, dtype=torch.float32, device=device)
-    for a, b in _chunks(n, out.device):
+    for a, b in _hash_slices(n, out.device):
         out[a:b] = 1 - 2 * (_counter_bits(key, a, b, out.device) >> 31)
     return out.reshape(shape)
 
@@ -93,7 +97,7 @@ def round_bf16(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     key = _stream_seed(seed, index + (1 << 32))  # a stream apart from the directions'
     flat = w.reshape(-1)
     out = torch.empty_like(flat)
-    for a, b in _chunks(flat.numel(), w.device):
+    for a, b in _hash_slices(flat.numel(), w.device):
         noise = _counter_bits(key, a, b, w.device) & 0xFFFF
         bits = flat[a:b].view(torch.int32).to(torch.int64) & _M32
         bits = (bits + noise) & 0xFFFF0000  # on the magnitude: away from zero w.p. the remainder
@@ -153,7 +157,7 @@ def perturbed(
             h.remove()
 
 
-_CHUNK = 1 << 17  # elements per float64 slice of λᵀz (1 MiB each)
+_DOT_SLICE = 1 << 17  # elements per float64 slice of λᵀz (1 MiB each)
 
 
 def project(lam: torch.Tensor, z: torch.Tensor) -> float:
@@ -162,8 +166,8 @@ def project(lam: torch.Tensor, z: torch.Tensor) -> float:
     where z is large (an early cut of a vision model)."""
     lam, z = lam.reshape(-1), z.reshape(-1)
     return sum(
-        float(torch.dot(lam[i : i + _CHUNK].double(), z[i : i + _CHUNK].double()))
-        for i in range(0, lam.numel(), _CHUNK)
+        float(torch.dot(lam[a:b].double(), z[a:b].double()))
+        for a, b in _slices(lam.numel(), _DOT_SLICE)
     )
 
 

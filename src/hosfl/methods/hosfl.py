@@ -13,6 +13,7 @@ The engine moves the messages; this file only computes.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -53,10 +54,10 @@ def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
     lr²·d/P where every weight matters alike (50·P/d_c is the rate tuned by hand for both
     Fashion-MNIST CNNs: 0.05 at d_c = 4 800, 0.03 at 10 600; P = 5). Where a few weights matter
     far more than the rest (a pretrained network's early depthwise convolutions behind
-    BatchNorm) they alone set a safe rate, whatever d is: ``zo_lr_max``."""
+    BatchNorm) the harm is large even where d is small, and ``zo_lr_max`` caps the rate."""
     if cfg.zo_lr_rule == "dimension":
-        cap = min(first_order_lr, cfg.zo_lr_max or first_order_lr)
-        return min(cap, cfg.zo_lr_scale * cfg.P / max(d, 1))
+        rule = cfg.zo_lr_scale * cfg.P / max(d, 1)
+        return min(first_order_lr, rule, cfg.zo_lr_max or math.inf)
     return first_order_lr
 
 
