@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from hosfl import zo
 from hosfl.config import Config
 from hosfl.engines.local import LocalEngine
-from hosfl.methods import hosfl
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.protocol import ScalarBroadcast
 from hosfl.runner import build
@@ -67,7 +66,7 @@ def one(kind: str, overrides: list[str]) -> dict:
         if kind == "central":
             _central_step(t, cfg, fed)
         else:
-            hosfl.step(t, fed.server, engine)
+            fed.server.step(t, engine)
 
     for t in range(WARMUP):
         step(t)

@@ -26,7 +26,6 @@ from hosfl.config import Config
 from hosfl.engines.local import LocalEngine
 from hosfl.engines.ray import RayEngine
 from hosfl.journal import Journal
-from hosfl.methods import hosfl
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
 from hosfl.protocol import ModelWeights, encode
 from hosfl.runner import build
@@ -40,15 +39,15 @@ def _train(cfg: Config, engine_name: str, folder: Path):
     journal = Journal(folder / f"{engine_name}.sqlite")
     ledger = ByteLedger()
     if engine_name == "ray":
-        engine = RayEngine(cfg, fed, ledger, None, journal)
+        engine = RayEngine(cfg, fed.server, ledger, None, journal)
     else:
         engine = LocalEngine(fed.clients, ledger)
     engine.before_broadcast = lambda m: journal.append(m.step, m.seeds, m.values)
     for t in range(WARMUP):
-        hosfl.step(t, fed.server, engine)
+        fed.server.step(t, engine)
     start = time.perf_counter()
     for t in range(WARMUP, cfg.steps):
-        hosfl.step(t, fed.server, engine)
+        fed.server.step(t, engine)
     ms = 1000 * (time.perf_counter() - start) / (cfg.steps - WARMUP)
     return fed, engine, ledger, ms
 

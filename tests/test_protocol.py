@@ -90,4 +90,4 @@ def test_malformed_messages_are_rejected_with_a_reason(data, reason):
 
 def test_wrong_schema_is_rejected_before_sending():
     with pytest.raises(ProtocolError, match="dtype"):
-        SmashedData(0, torch.ones(2, 3), torch.ones(2)).validate()
+        SmashedData(0, torch.ones(2, 3), torch.ones(2, dtype=torch.int32)).validate()

@@ -11,8 +11,7 @@ import torch
 
 from hosfl.engines.ray import ClientProcess, RayEngine
 from hosfl.journal import Journal
-from hosfl.methods import hosfl
-from hosfl.methods.base import sample_clients
+from hosfl.methods.base import digest, sample_clients
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.protocol import CatchUp, SmashedData, decode, encode
 from hosfl.runner import build, run
@@ -66,11 +65,11 @@ def test_a_client_that_missed_steps_replays_them_to_the_servers_theta_c(small_cf
     journal = Journal(result.out / "journal.sqlite", create=False)
     seeds, values = zip(*journal.entries(), strict=True)
     late = ClientProcess(cfg.to_dict(), cid=2, threads=1)  # a fresh client at step 0
-    assert late.replica.step == 0
+    assert late.role.replica.step == 0
     synced = decode(late.handle(encode(CatchUp(0, torch.stack(seeds), torch.stack(values)))))
     assert synced.step == 15
-    assert synced.digest == hosfl.digest([p for p in result.client_model.parameters()])
-    assert _identical(late.replica.model, result.client_model)
+    assert synced.digest == digest([p for p in result.client_model.parameters()])
+    assert _identical(late.role.replica.model, result.client_model)
     # a catch-up that overlaps what the client has is applied from where the client is
     again = decode(
         late.handle(encode(CatchUp(10, torch.stack(seeds[10:]), torch.stack(values[10:]))))
@@ -85,7 +84,7 @@ def test_a_client_killed_mid_step_is_restarted_resynced_and_the_run_is_unchanged
     cfg = small_cfg(clients=3, sampled=2, steps=steps, engine="ray", out=str(tmp_path / "r"))
     fed, _, _ = build(cfg)
     journal = Journal(tmp_path / "journal.sqlite")
-    engine = RayEngine(cfg, fed, ByteLedger(), None, journal)
+    engine = RayEngine(cfg, fed.server, ByteLedger(), None, journal)
     engine.before_broadcast = lambda m: journal.append(m.step, m.seeds, m.values)
     victim = sample_clients(cfg, kill_at)[0]
     train = fed.server.train
@@ -98,7 +97,7 @@ def test_a_client_killed_mid_step_is_restarted_resynced_and_the_run_is_unchanged
     fed.server.train = train_then_kill
     try:
         for t in range(steps):
-            hosfl.step(t, fed.server, engine)
+            fed.server.step(t, engine)
     finally:
         engine.close()
     reasons = [r for r in fed.server.rejections if r["client"] == victim]
@@ -115,7 +114,7 @@ def test_malformed_bytes_from_a_client_process_are_dropped_with_a_reason(small_c
     cfg = small_cfg(clients=2, sampled=1, steps=2, engine="ray", out=str(tmp_path / "r"))
     fed, _, _ = build(cfg)
     journal = Journal(tmp_path / "journal.sqlite")
-    engine = RayEngine(cfg, fed, ByteLedger(), None, journal)
+    engine = RayEngine(cfg, fed.server, ByteLedger(), None, journal)
     try:
         good = encode(SmashedData(0, torch.ones(2, 32, 7, 7), torch.tensor([1, 2])))
         nan = bytearray(good)
@@ -133,3 +132,24 @@ def test_malformed_bytes_from_a_client_process_are_dropped_with_a_reason(small_c
     finally:
         engine.close()
     assert engine.verified == 2
+
+
+@pytest.mark.parametrize(
+    "method", ["hosfl", "sfl-v1", "sfl-v2", "zo-sfl", "hosl", "fedavg", "zo-fl", "frozen"]
+)
+def test_every_method_gives_the_same_weights_in_process_and_as_ray_processes(
+    method, small_cfg, tmp_path
+):
+    cfg = dict(method=method, clients=3, sampled=2, steps=4, eval_every=4, P=2)
+    if method == "zo-fl":
+        cfg["client_lr"] = 1e-3
+    local = run(small_cfg(**cfg, out=str(tmp_path / "local")), log=lambda *a: None)
+    remote = run(small_cfg(**cfg, engine="ray", out=str(tmp_path / "ray")), log=lambda *a: None)
+    assert _identical(local.client_model, remote.client_model)
+    assert _identical(local.server_model, remote.server_model)
+    assert remote.summary["rejected"] == 0
+
+    def payload(result):  # Ray adds the Synced replies: framing only
+        return {k: n for k, n in result.ledger.as_dict()["up"].items() if k != "framing"}
+
+    assert payload(remote) == payload(local)

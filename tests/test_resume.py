@@ -90,6 +90,7 @@ def test_a_journal_that_disagrees_with_the_redone_steps_stops_the_resume(small_c
     result = run(cfg, log=lambda *a: None)
     state = checkpoint.load(result.out / "checkpoint.pt")
     state["step"] = 10  # pretend the crash came after step 10: steps 10.. are redone
+    state["replica"]["step"] = 10
     state["server"] = {k: v + 1e-3 for k, v in state["server"].items()}  # but from other weights
     checkpoint.save(result.out / "checkpoint.pt", state)
     try:

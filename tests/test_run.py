@@ -8,7 +8,7 @@ import torch
 from conftest import journal_entries as _journal
 
 from hosfl import checkpoint, zo
-from hosfl.config import METHODS
+from hosfl.config import method_names
 from hosfl.data import partition
 from hosfl.engines import local
 from hosfl.protocol import decode, encode
@@ -83,7 +83,7 @@ class WireEngine(local.LocalEngine):
         return super().carry(direction, decode(data), copies)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_ledger_equals_the_bytes_of_the_serialized_messages(small_cfg, monkeypatch, method):
     engines = []
 

@@ -9,7 +9,21 @@ The few names a user needs; everything else lives in the submodules.
 
 from hosfl.compare import compare
 from hosfl.config import Config, ConfigError
-from hosfl.runner import RunResult, run
-from hosfl.tasks import Task, register_task
+from hosfl.methods import Method
+from hosfl.methods import register as register_method
+from hosfl.runner import RunResult, resume, run
+from hosfl.tasks import ModelTask, Task, register_task
 
-__all__ = ["Config", "ConfigError", "RunResult", "Task", "compare", "register_task", "run"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Method",
+    "ModelTask",
+    "RunResult",
+    "Task",
+    "compare",
+    "register_method",
+    "register_task",
+    "resume",
+    "run",
+]

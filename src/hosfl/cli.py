@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from hosfl.checkpoint import CheckpointError
-from hosfl.config import METHODS, Config, ConfigError
+from hosfl.config import Config, ConfigError, method_names
 from hosfl.data.fashion_mnist import DataError
 from hosfl.protocol import ProtocolError
 from hosfl.tasks.base import MissingPackage
@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from {', '.join(METHODS)} (default: all)",
+        default=",".join(method_names()),
+        help=f"comma-separated, from {', '.join(method_names())} (default: all)",
     )
     cmp.add_argument(
         "--target",

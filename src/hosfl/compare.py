@@ -11,7 +11,7 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from hosfl.config import METHODS, Config, ConfigError
+from hosfl.config import Config, ConfigError, method_names
 from hosfl.metrics.plots import load_run, plot_runs
 from hosfl.runner import prepare_out, run
 
@@ -93,7 +93,7 @@ def _for(method: str, overrides: list[str]) -> list[str]:
     chosen = []
     for item in overrides:
         prefix, dot, rest = item.partition(".")
-        if dot and prefix in METHODS and "=" in rest and "=" not in prefix:
+        if dot and prefix in method_names() and "=" in rest and "=" not in prefix:
             if prefix == method:
                 chosen.append(rest)
         else:
@@ -109,10 +109,11 @@ def compare(
     config: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
         raise ConfigError(
-            f"--methods: unknown {', '.join(unknown) or '(none)'} (valid: {', '.join(METHODS)})"
+            f"--methods: unknown {', '.join(unknown) or '(none)'} "
+            f"(valid: {', '.join(method_names())})"
         )
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"--target={target}: must be in (0, 1]")

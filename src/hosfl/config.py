@@ -22,7 +22,6 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-METHODS = ("hosfl", "sfl-v1", "sfl-v2", "zo-sfl", "hosl", "fedavg", "zo-fl", "frozen")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
 ENGINES = ("local", "ray")
@@ -32,10 +31,24 @@ LORA = ("none", "client", "server", "both")
 LR_RULES = ("fixed", "dimension")
 
 
-@dataclass
+def method_names() -> tuple[str, ...]:
+    from hosfl import methods  # the registry imports torch models; config stays importable
+
+    return tuple(methods.METHODS)
+
+
+@dataclass(init=False)
 class Config:
-    method: str = _f("hosfl", f"training method: {', '.join(METHODS)}")
-    task: str = _f("fmnist-cnn", "task (dataset + model + cut points)")
+    """Every setting of a run. ``Config(**kw)``, ``Config.from_dict(kw)`` and the CLI's
+    ``key=value`` resolve alike: the task's own defaults (its cut, its learning-rate rule)
+    fill in what is not given, then the global defaults."""
+
+    method: str = _f(
+        "hosfl",
+        "training method: hosfl, sfl-v1, sfl-v2, zo-sfl, hosl, fedavg, "
+        "zo-fl, frozen (or one added with hosfl.methods.register)",
+    )
+    task: str = _f("fmnist-cnn", "task: a built-in or registered name, or package.module:factory")
     clients: int = _f(10, "number of clients M")
     sampled: int = _f(3, "clients sampled per step K (1 <= K <= M)")
     batch_size: int = _f(32, "mini-batch size per sampled client")
@@ -80,7 +93,7 @@ class Config:
     out: str = _f("", "run folder (empty: runs/<method>-<time>)")
     progress: bool = _f(True, "show a progress bar")
     snapshot_every: int = _f(100, "write checkpoint.pt every N steps (and at each evaluation)")
-    engine: str = _f("local", f"where clients run: {', '.join(ENGINES)} (ray: hosfl only)")
+    engine: str = _f("local", f"where clients run: {', '.join(ENGINES)}")
     ray_address: str = _f("", "engine=ray: cluster address (empty: start Ray on this machine)")
     client_timeout: float = _f(60.0, "engine=ray: seconds to wait for a client's reply")
     client_retries: int = _f(1, "engine=ray: times a failed client is restarted and asked again")
@@ -88,6 +101,17 @@ class Config:
         1, "engine=ray: torch threads per client process (0: as many as the server process)"
     )
     aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
+
+    def __init__(self, **values: Any) -> None:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)} (valid: {', '.join(known)})"
+            )
+        values = {**_task_defaults(values.get("task", "fmnist-cnn")), **values}
+        for f in fields(self):
+            setattr(self, f.name, values.get(f.name, f.default))
 
     def validate(self) -> Config:
         def bad(key: str, why: str) -> ConfigError:
@@ -119,8 +143,11 @@ class Config:
             raise bad("client_timeout", "must be a finite number > 0")
         if self.client_dtype == "bfloat16" and self.method != "hosfl":
             raise bad("client_dtype", "bfloat16 client forwards are for method=hosfl only")
-        if self.engine == "ray" and self.method != "hosfl":
-            raise bad("engine", f"engine=ray runs method=hosfl only, not {self.method}")
+        if self.aggregate == "trimmed" and self.sampled < 3:
+            raise bad(
+                "aggregate",
+                f"trimmed drops two values a probe: needs sampled >= 3, not {self.sampled}",
+            )
         keys = ("seq_len", "train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
         for key in (*keys, "client_retries", "client_threads"):
             if getattr(self, key) < 0:
@@ -128,7 +155,7 @@ class Config:
         if self.seed >= 2**32:
             raise bad("seed", "must be < 2**32")
         choices = {
-            "method": METHODS,
+            "method": method_names(),
             "client_optimizer": OPTIMIZERS,
             "server_optimizer": OPTIMIZERS,
             "partition": PARTITIONS,
@@ -159,8 +186,6 @@ class Config:
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {key!r} (valid: {', '.join(known)})")
             kwargs[key] = _coerce(key, known[key].type, value)
-        for key, value in _task_defaults(kwargs.get("task", cls.task)).items():
-            kwargs.setdefault(key, value)
         return cls(**kwargs)
 
     @classmethod

@@ -45,7 +45,7 @@ class Tensor:
     """Schema of one tensor field: its payload type (for the ledger), dtype and rank."""
 
     payload: str
-    dtype: torch.dtype
+    dtype: torch.dtype | tuple[torch.dtype, ...]  # a tuple: any of these
     ndim: int | None = None  # None: any rank
 
 
@@ -96,7 +96,8 @@ class Message:
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor):
                 raise ProtocolError(f"{type(self).__name__}.{name} is not a tensor")
-            if t.dtype != spec.dtype:
+            allowed = spec.dtype if isinstance(spec.dtype, tuple) else (spec.dtype,)
+            if t.dtype not in allowed:
                 raise ProtocolError(
                     f"{type(self).__name__}.{name}: dtype {t.dtype}, expected {spec.dtype}"
                 )
@@ -179,7 +180,8 @@ class SmashedData(Message, type_id=2):
     step: int
     z: torch.Tensor
     y: torch.Tensor
-    SCHEMA: ClassVar = {"z": Tensor("smashed", F32), "y": Tensor("labels", I64, 1)}
+    # labels: class indices (int64, one per example) or any float32 targets (regression)
+    SCHEMA: ClassVar = {"z": Tensor("smashed", F32), "y": Tensor("labels", (I64, F32))}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Rebuild a run's client model from its (seeds, v̄) history: audit, catch-up, recovery."""
+"""Rebuild a run's client model from its (seeds, v̄) history: audit, catch-up, recovery.
+
+The replica is the method's own (``Method.replica``), so the optimizer and the effective
+learning rate (``zo_lr_rule``) are exactly those the run used."""
 
 from __future__ import annotations
 
@@ -7,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-from hosfl import checkpoint, zo
+from hosfl import checkpoint, methods, zo
 from hosfl.journal import Journal
-from hosfl.methods.base import make_optimizer
-from hosfl.runner import REPLAYABLE, load_models
+from hosfl.runner import load_models
 
 
 @dataclass
@@ -34,13 +36,14 @@ def replay_run(folder: str | Path) -> ReplayReport:
     folder = Path(folder)
     path = folder / "journal.sqlite"
     if not path.is_file():
+        synced = [n for n, m in methods.METHODS.items() if m.seed_synced]
         raise checkpoint.CheckpointError(
-            f"{path} does not exist (only {', '.join(REPLAYABLE)} runs have one)"
+            f"{path} does not exist (only {', '.join(synced)} runs have one)"
         )
     final = checkpoint.load(folder / "checkpoint.pt")
-    cfg, client, _ = load_models(checkpoint.load(folder / "client_init.pt"))
-    params = zo.trainable(client)
-    optimizer = make_optimizer(cfg.client_optimizer, params, cfg.client_lr, cfg.momentum)
+    cfg, client, server, task = load_models(checkpoint.load(folder / "client_init.pt"))
+    method = methods.get(cfg.method)(cfg, client, server, task)
+    replica = method.replica
     journal = Journal(path, create=False)
     try:
         if journal.end < final["step"]:
@@ -49,16 +52,21 @@ def replay_run(folder: str | Path) -> ReplayReport:
             )
         entries = journal.entries(0, int(final["step"]))
         steps = zo.replay_(
-            params,
+            replica.params,
             ((s.tolist(), v.tolist()) for s, v in entries),
             cfg.mu,
-            optimizer,
+            replica.optimizer,
             cfg.directions,
         )
     finally:
         journal.close()
-    live = final["client"]
-    replayed = client.state_dict()
+    # the parts the journal moves: the client part, and the server's too where a client
+    # holds the whole model (zo-fl)
+    parts = {"client": client}
+    if method.client_holds is not method.client_model:
+        parts["server"] = server
+    live = {f"{k}.{n}": t for k in parts for n, t in final[k].items()}
+    replayed = {f"{k}.{n}": t for k, m in parts.items() for n, t in m.state_dict().items()}
     if live.keys() != replayed.keys():
         raise checkpoint.CheckpointError("checkpoint and replayed model have different tensors")
     diff = max(float((live[k].double() - replayed[k].double()).abs().max()) for k in live)

@@ -28,17 +28,32 @@ from tqdm import tqdm
 
 from hosfl import checkpoint, methods, tasks
 from hosfl.config import Config, ConfigError
+from hosfl.data import source
 from hosfl.data.partition import histogram
 from hosfl.engines.local import LocalEngine
 from hosfl.journal import Journal
-from hosfl.methods.base import Federation, Shard
+from hosfl.methods.base import ClientRole, Diverged, Method, Shard
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.metrics.memory import LiveTensorMeter, tensor_bytes
 from hosfl.protocol import Message, ProtocolError
+from hosfl.tasks.base import Task
 
-# Methods whose client model moves only by (seeds, v̄) broadcasts: their journal
-# replays the client part from client_init.pt.
-REPLAYABLE = ("hosfl", "hosl", "zo-sfl")
+
+@dataclass
+class Federation:
+    """A method (the server) and its client roles, as one run builds them."""
+
+    server: Method
+    clients: list[ClientRole]
+    task: Task
+
+    @property
+    def client_model(self) -> nn.Module:
+        return self.server.client_model
+
+    @property
+    def server_model(self) -> nn.Module:
+        return self.server.server_model
 
 
 @dataclass
@@ -55,18 +70,20 @@ class RunResult:
 
 @torch.no_grad()
 def evaluate(
-    client: nn.Module, server: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
+    client: nn.Module, server: nn.Module, task: Task, data: source.Data, batch: int = 1000
 ) -> tuple[float, float]:
-    """Accuracy and mean loss of server(client(x)) in eval mode."""
+    """The task's metric (accuracy by default) and mean loss of server(client(x)) in eval
+    mode, over ``data``; batch means weighted by batch size."""
     was = client.training, server.training
     client.eval(), server.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(x), batch):
-        logits = server(client(x[i : i + batch]))
-        correct += int((logits.argmax(1) == y[i : i + batch]).sum())
-        loss += float(nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum"))
+    metric, loss, n = 0.0, 0.0, 0
+    for x, y in source.batches(data, batch):
+        out = server(client(x))
+        metric += task.metric(out, y) * len(y)
+        loss += float(task.loss(out, y)) * len(y)
+        n += len(y)
     client.train(was[0]), server.train(was[1])
-    return correct / len(x), loss / len(x)
+    return metric / n, loss / n
 
 
 def prepare_out(out: str, prefix: str) -> Path:
@@ -85,22 +102,22 @@ def prepare_out(out: str, prefix: str) -> Path:
     return folder
 
 
-def build(cfg: Config) -> tuple[Federation, tuple[torch.Tensor, torch.Tensor], list[np.ndarray]]:
+def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
     """Data, partitions and the method's federation for ``cfg``; nothing is written."""
     try:
-        method = methods.get(cfg.method)
+        method_class = methods.get(cfg.method)
         task, client_model, server_model = tasks.prepare(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    x, y = task.load("train", cfg.train_subset)
+    train = task.load("train", cfg.train_subset)
     test = task.load("test", cfg.test_subset)
     try:
-        parts = task.partition(cfg, y)
-        shards = [Shard(m, x, y, idx, cfg.seed) for m, idx in enumerate(parts)]
-        fed = method.build(cfg, client_model, server_model, shards, task.classes)
+        parts = task.partition(cfg, train)
+        method = method_class(cfg, client_model, server_model, task)
+        clients = [method.client(Shard(m, train, idx, cfg.seed)) for m, idx in enumerate(parts)]
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return fed, test, [y.numpy(), *parts]
+    return Federation(method, clients, task), test, [source.targets(train).numpy(), *parts]
 
 
 def _print_histogram(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> None:
@@ -111,17 +128,9 @@ def _print_histogram(labels: np.ndarray, parts: list[np.ndarray], classes: int) 
 
 
 def _state(cfg: Config, fed: Federation, step: int) -> dict:
-    state = {
-        "config": cfg.to_dict(),
-        "step": step,
-        "client": fed.client_model.state_dict(),
-        "server": fed.server_model.state_dict(),
-    }
-    if getattr(fed.server, "optimizer", None) is not None:
-        state["server_optimizer"] = fed.server.optimizer.state_dict()
-    if fed.client_optimizer is not None:
-        state["client_optimizer"] = fed.client_optimizer.state_dict()
-    return state
+    """The checkpoint: the config, the step, and the method's whole state (``client`` and
+    ``server`` weights among it)."""
+    return {"config": cfg.to_dict(), "step": step, **fed.server.state_dict()}
 
 
 def _finite(update: Message) -> bool:
@@ -138,13 +147,12 @@ def inference_peak(model: nn.Module, shard: Shard, batch_size: int) -> int:
     """Peak live tensor bytes of one plain forward of ``model`` on a client batch: what a
     client that only runs inference needs on top of its weights."""
     x, _ = shard.batch(0, batch_size)
+    was = model.training
+    model.eval()  # a metering forward must not move BatchNorm statistics
     with LiveTensorMeter() as meter:
         model(x)
+    model.train(was)
     return meter.peak
-
-
-class Diverged(Exception):
-    """The step's update holds NaN or infinity; it was not broadcast."""
 
 
 def run(cfg: Config, log=print) -> RunResult:
@@ -152,15 +160,21 @@ def run(cfg: Config, log=print) -> RunResult:
     cfg.validate()
     if cfg.engine == "ray":
         _ray_engine()  # a missing Ray is an error before anything is written
+        _ray_task(cfg)
     fed, test, (labels, *parts) = build(cfg)
     out = prepare_out(cfg.out, cfg.method)
     (out / "config.toml").write_text(cfg.to_toml())
     checkpoint.save(
         out / "client_init.pt",
-        {"config": cfg.to_dict(), "step": 0, "client": fed.client_model.state_dict(), "server": {}},
+        {
+            "config": cfg.to_dict(),
+            "step": 0,
+            "client": fed.client_model.state_dict(),
+            "server": fed.server_model.state_dict(),
+        },
     )
-    if log is print:
-        _print_histogram(labels, parts, int(labels.max()) + 1)
+    if log is print and fed.task.classes:
+        _print_histogram(labels, parts, fed.task.classes)
     return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log)
 
 
@@ -180,15 +194,21 @@ def resume(folder: str | Path, log=print) -> RunResult:
     if start >= cfg.steps:
         raise checkpoint.CheckpointError(f"{folder} is complete ({start} of {cfg.steps} steps)")
     fed, test, _ = build(cfg)
-    fed.client_model.load_state_dict(state["client"])
-    if state["server"]:
-        fed.server_model.load_state_dict(state["server"])
-    if "server_optimizer" in state:
-        fed.server.optimizer.load_state_dict(state["server_optimizer"])
-    if "client_optimizer" in state:
-        fed.client_optimizer.load_state_dict(state["client_optimizer"])
-    if hasattr(fed.clients[0], "replica"):
-        fed.clients[0].replica.step = start
+    if start == 0:  # client_init.pt: the weights only, the method's state is its initial one
+        fed.client_model.load_state_dict(state["client"])
+    else:
+        try:
+            fed.server.load_state_dict(state)
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise checkpoint.CheckpointError(
+                f"{last} does not fit {cfg.method}: {reason}"
+            ) from None
+        if fed.server.seed_synced and fed.server.synced().step != start:
+            raise checkpoint.CheckpointError(
+                f"{last}: the client replica is at step {fed.server.synced().step}, the "
+                f"checkpoint at step {start}"
+            )
     ledger = ByteLedger.from_dict(state.get("ledger", {}))
     _truncate_metrics(folder / "metrics.jsonl", start)
     log(f"hosfl: resuming {folder} at step {start} of {cfg.steps}")
@@ -214,8 +234,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _make_engine(cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal):
     if cfg.engine == "ray":
-        return _ray_engine()(cfg, fed, ledger, measure, journal)
+        return _ray_engine()(cfg, fed.server, ledger, measure, journal)
     return LocalEngine(fed.clients, ledger, measure)
+
+
+def _ray_task(cfg: Config) -> None:
+    """Ray workers build the task from the config: it must be importable there."""
+    if cfg.task not in tasks.BUILT_IN and ":" not in cfg.task:
+        raise ConfigError(
+            f"engine=ray: every client process builds task={cfg.task!r} from the config; give "
+            "it as an import path (package.module:factory) that the workers can import"
+        )
 
 
 def _ray_engine() -> type:
@@ -236,20 +265,19 @@ def _train(
     wall_before: float,
     log,
 ) -> RunResult:
-    x_test, y_test = test
+    method = fed.server
     d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
     d_s = sum(p.numel() for p in fed.server_model.parameters() if p.requires_grad)
-    client_lr = fed.client_optimizer.param_groups[0]["lr"] if fed.client_optimizer else None
+    client_lr = method.client_lr
     log(
         f"hosfl {cfg.method}: task={cfg.task} cut={cfg.cut} M={cfg.clients} K={cfg.sampled} "
         f"B={cfg.batch_size} P={cfg.P} steps={cfg.steps} d_c={d_c} d_s={d_s} "
         f"client lr={client_lr if client_lr is not None else cfg.client_lr:.3g} "
         f"engine={cfg.engine} -> {out}"
     )
-    holds = tensor_bytes(fed.client_holds)
-    infer_peak = holds + inference_peak(fed.client_holds, fed.clients[0].shard, cfg.batch_size)
-    method = methods.get(cfg.method)
-    journal = Journal(out / "journal.sqlite") if cfg.method in REPLAYABLE else None
+    holds = tensor_bytes(method.client_holds)
+    infer_peak = holds + inference_peak(method.client_holds, fed.clients[0].shard, cfg.batch_size)
+    journal = Journal(out / "journal.sqlite") if method.seed_synced else None
     # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
     engine = _make_engine(cfg, fed, ledger, min(1, cfg.steps - 1), journal)
 
@@ -257,7 +285,7 @@ def _train(
         """Runs before ``update`` leaves the server: refuse a non-finite one, log it durably
         (a step redone on resume must give the logged bits)."""
         if not _finite(update):
-            raise Diverged
+            raise Diverged("the step's update is not finite")
         if journal is None:
             return
         if update.step < journal.end:
@@ -277,7 +305,7 @@ def _train(
         return wall_before + time.perf_counter() - started
 
     acc = float("nan")
-    diverged = None
+    diverged, cause = None, ""
     rejected = 0
     bar = tqdm(
         range(start, cfg.steps),
@@ -291,10 +319,10 @@ def _train(
     try:
         for t in bar:
             try:
-                loss, update = method.step(t, fed.server, engine)
-            except Diverged:
-                loss = float("nan")
-            rejections = getattr(fed.server, "rejections", [])  # FedAvg's server has none
+                loss, update = method.step(t, engine)
+            except Diverged as e:
+                loss, cause = float("nan"), str(e)
+            rejections = method.rejections
             rejected += len(rejections)
             for row in rejections:
                 metrics.write(json.dumps({"event": "reject", **row}) + "\n")
@@ -303,8 +331,8 @@ def _train(
             if loss is not None and not math.isfinite(loss):
                 diverged = t + 1
                 log(
-                    f"hosfl: training diverged at step {diverged} (loss {loss}); stopped, the "
-                    f"last checkpoint is kept. Lower client_lr or server_lr."
+                    f"hosfl: training diverged at step {diverged} ({cause or f'loss {loss}'}); "
+                    "stopped, the last checkpoint is kept. Lower client_lr or server_lr."
                 )
                 break
             row = {
@@ -318,7 +346,7 @@ def _train(
             last = t + 1 == cfg.steps
             evaluate_now = last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0)
             if evaluate_now:
-                acc, test_loss = evaluate(fed.client_model, fed.server_model, x_test, y_test)
+                acc, test_loss = evaluate(fed.client_model, fed.server_model, fed.task, test)
                 row = {
                     "event": "eval",
                     "step": t + 1,
@@ -382,24 +410,24 @@ def summary_table(result: RunResult) -> str:
     return "\n".join(["-" * width, *lines, "-" * width])
 
 
-def load_models(state: dict) -> tuple[Config, nn.Module, nn.Module]:
-    """The config and the (client, server) models a checkpoint describes, weights loaded."""
+def load_models(state: dict) -> tuple[Config, nn.Module, nn.Module, Task]:
+    """The config, the (client, server) models a checkpoint describes, weights loaded, and
+    the task."""
     try:
         cfg = Config.from_dict(state["config"], source="checkpoint config").validate()
-        _, client, server = tasks.prepare(cfg)
+        task, client, server = tasks.prepare(cfg)
         client.load_state_dict(state["client"])
         if state["server"]:
             server.load_state_dict(state["server"])
     except (ConfigError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         reason = str(e).splitlines()[0]
         raise checkpoint.CheckpointError(f"checkpoint does not fit its task: {reason}") from None
-    return cfg, client, server
+    return cfg, client, server, task
 
 
 def evaluate_checkpoint(path: str | Path) -> tuple[float, float, int]:
     """(accuracy, loss, step) of a checkpoint on its task's test set."""
     state = checkpoint.load(path)
-    cfg, client, server = load_models(state)
-    x, y = tasks.for_config(cfg).load("test", cfg.test_subset)
-    acc, loss = evaluate(client, server, x, y)
+    cfg, client, server, task = load_models(state)
+    acc, loss = evaluate(client, server, task, task.load("test", cfg.test_subset))
     return acc, loss, int(state["step"])

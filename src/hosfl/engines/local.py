@@ -67,6 +67,11 @@ class LocalEngine:
             replies[cid] = self.carry(UP, reply)
         return replies
 
+    def tell(self, messages: Mapping[int, Message]) -> None:
+        """Deliver each client its message; no replies."""
+        for cid in sorted(messages):
+            self._deliver(cid, self.carry(DOWN, messages[cid]), cid)
+
     def close(self) -> None:
         """Nothing to release in-process."""
 

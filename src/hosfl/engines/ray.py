@@ -1,8 +1,10 @@
 """Ray engine: each client is a Ray actor, a process of its own (on this machine or another),
-holding its own data shard and its own replica of θ_c. The server (this process) and the
-actors exchange nothing but encoded protocol messages (bytes); the ledger counts those bytes.
+holding its own data shard and its own client role, built from the config alone by the
+method's ``client(shard)``. The server (this process) and the actors exchange nothing but
+encoded protocol messages (bytes); the ledger counts those bytes. The engine knows no method:
+it uses the Method and ClientRole contracts (``methods/base.py``) only.
 
-Keeping replicas in step without weights:
+Keeping replicas in step without weights (methods whose ``seed_synced`` is true):
 - the clients of a step get its (seeds, v̄) broadcast at once;
 - a client that was not sampled for a while (or that restarted) gets, before its next
   StepPlan, one CatchUp message with the journal rows it missed, replays them and answers
@@ -28,11 +30,10 @@ from collections.abc import Mapping
 import ray
 import torch
 
-from hosfl import tasks
+from hosfl import methods, tasks
 from hosfl.config import Config
 from hosfl.journal import Journal
-from hosfl.methods import hosfl
-from hosfl.methods.base import Federation, Shard
+from hosfl.methods.base import Method, Shard
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
 from hosfl.metrics.memory import LiveTensorMeter
 from hosfl.protocol import (
@@ -54,12 +55,10 @@ class ClientProcess:
         torch.set_num_threads(threads)
         cfg = Config.from_dict(config).validate()
         task, client_model, server_model = tasks.prepare(cfg)
-        x, y = task.load("train", cfg.train_subset)
-        parts = task.partition(cfg, y)
-        shard = Shard(cid, x, y, parts[cid], cfg.seed)
-        fed = hosfl.build(cfg, client_model, server_model, [shard], task.classes)
-        self.role = fed.clients[0]
-        self.replica = self.role.replica
+        train = task.load("train", cfg.train_subset)
+        shard = Shard(cid, train, task.partition(cfg, train)[cid], cfg.seed)
+        method = methods.get(cfg.method)(cfg, client_model, server_model, task)
+        self.role = method.client(shard)
         self.measure_step = min(1, cfg.steps - 1)
         self.meter = LiveTensorMeter()  # one meter across the calls of the measured step
         self.seconds = 0.0
@@ -67,7 +66,7 @@ class ClientProcess:
     def handle(self, data: bytes) -> bytes | None:
         msg = decode(data)
         if isinstance(msg, CatchUp):
-            return encode(self.replica.catch_up(msg))
+            return encode(self.role.catch_up(msg))
         start = time.perf_counter()
         if msg.step == self.measure_step and not isinstance(msg, ScalarBroadcast):
             with self.meter:
@@ -78,7 +77,8 @@ class ClientProcess:
         return None if reply is None else encode(reply)
 
     def state(self) -> bytes:
-        return encode(Synced(self.replica.step, hosfl.digest(self.replica.params)))
+        """Where the client's replica is; Synced(0, 0) for a client that keeps none."""
+        return encode(self.role.synced() or Synced(0, 0))
 
     def stats(self) -> tuple[int, float]:
         return self.meter.peak, self.seconds
@@ -94,15 +94,15 @@ class RayEngine:
     def __init__(
         self,
         cfg: Config,
-        fed: Federation,
+        method: Method,
         ledger: ByteLedger,
         measure_step: int | None,
-        journal: Journal,
+        journal: Journal | None,
     ) -> None:
         self.cfg, self.ledger, self.journal = cfg, ledger, journal
         self.retries, self.timeout = cfg.client_retries, cfg.client_timeout
-        self.record = fed.clients[0].replica  # the server's own record of θ_c
-        self.server = fed.server
+        self.method = method
+        self.seed_synced = method.seed_synced and journal is not None
         self.before_broadcast = lambda msg: None
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
@@ -130,10 +130,12 @@ class RayEngine:
         for cid in range(cfg.clients):  # wait until every client process is up
             self._state(cid)
         self._pids = ray.get([a.pid.remote() for a in self.actors])
-        self._plans: dict[int, StepPlan] = {}
-        self._digest: tuple[int, int] | None = None  # (step, digest) of the record
+        self._plans: dict[int, StepPlan] = {}  # each client's StepPlan of the current step
+        self._told: dict[int, list[Message]] = {}  # what each was told at the current step
+        self._asked: set[int] = set()  # the clients of the current step
         self.measure_step = measure_step
-        self.verified = 0  # clients whose θ_c was checked equal to the record at the end
+        # clients whose θ_c was checked equal to the record at the end (None: no record)
+        self.verified: int | None = 0 if self.seed_synced else None
         self.client_peak_bytes = 0  # filled in by close()
         self._seconds = float("nan")
 
@@ -149,13 +151,13 @@ class RayEngine:
         return msg
 
     def _record_digest(self) -> int:
-        if self._digest is None or self._digest[0] != self.record.step:
-            self._digest = (self.record.step, hosfl.digest(self.record.params))
-        return self._digest[1]
+        return self.method.synced().digest
 
     # --- keeping a client's replica in step ----------------------------------------------
     def _catch_up(self, cid: int, target: int) -> list[ray.ObjectRef]:
         """Calls (not awaited) that bring client ``cid`` from its known step to ``target``."""
+        if not self.seed_synced:
+            return []
         if self.synced[cid] is None:
             self._state(cid)
         have = self.synced[cid]
@@ -184,7 +186,7 @@ class RayEngine:
 
     def _fail(self, cid: int, step: int, why: str) -> None:
         """Client ``cid`` failed: restart its process; it re-syncs from the journal."""
-        self.server.reject(step, cid, why)
+        self.method.reject(step, cid, why)
         ray.kill(self.actors[cid], no_restart=False)
         self.synced[cid] = None
         # ray.kill returns at once: wait for the new process, so no call reaches the old one
@@ -230,7 +232,7 @@ class RayEngine:
         try:
             received = [self._receive(r) for r in replies if r is not None]
         except ProtocolError as e:
-            self.server.reject(step, cid, str(e))  # malformed: dropped, the client is kept
+            self.method.reject(step, cid, str(e))  # malformed: dropped, the client is kept
             return True, None
         return True, received[-1] if sent and received else None
 
@@ -239,6 +241,7 @@ class RayEngine:
         asked again (``retries`` times; a restarted client needs its StepPlan again before a
         λ); one that still fails is left out of the step (logged)."""
         for cid, msg in requests.items():
+            self._at(cid, msg.step)
             if isinstance(msg, StepPlan):
                 self._plans[cid] = msg
         started = {cid: self._start(cid, [requests[cid]], requests[cid].step) for cid in requests}
@@ -249,7 +252,11 @@ class RayEngine:
             if started[cid] is not None:
                 ok, reply = self._finish(cid, started[cid], 1, msg.step)
             for _ in range(0 if ok else self.retries):
-                todo = [msg] if isinstance(msg, StepPlan) else [self._plans[cid], msg]
+                todo = [
+                    *self._told[cid],
+                    *([] if isinstance(msg, StepPlan) else [self._plans[cid]]),
+                    msg,
+                ]
                 refs = self._start(cid, todo, msg.step)
                 if refs is not None:
                     ok, reply = self._finish(cid, refs, len(todo), msg.step)
@@ -259,23 +266,46 @@ class RayEngine:
                 replies[cid] = reply
         return replies
 
+    def _at(self, cid: int, step: int) -> None:
+        """Note that client ``cid`` takes part in ``step`` (a new step forgets the last)."""
+        if self._plans.get(cid) is not None and self._plans[cid].step != step:
+            self._plans.pop(cid)
+        if any(m.step != step for m in self._told.get(cid, [])):
+            self._told[cid] = []
+        self._told.setdefault(cid, [])
+        if self._step != step:
+            self._step, self._asked = step, set()
+        self._asked.add(cid)
+
+    _step = -1
+
+    def tell(self, messages: Mapping[int, Message]) -> None:
+        """Send each client its message, not awaited: an actor runs its calls in order, and a
+        client that failed shows it at its next call (where what it was told is sent again)."""
+        for cid in sorted(messages):
+            msg = messages[cid]
+            self._at(cid, msg.step)
+            self._told[cid].append(msg)
+            self._start(cid, [msg], msg.step)
+
     def broadcast(self, msg: Message) -> None:
-        """Journal the update, apply it to the server's record, send it to the step's clients
-        (the others catch up when next sampled). Replies are not awaited: an actor runs its
-        calls in order, and a client that failed to apply shows it at its next call."""
+        """Journal the update and send it to the step's clients (the others catch up from the
+        journal when next sampled). Replies are not awaited: an actor runs its calls in order,
+        and a client that failed to apply shows it at its next call."""
         self.before_broadcast(msg)
-        self.record.apply(msg)
-        for cid in self.server.sampled:
-            if self.synced[cid] == msg.step:
+        for cid in sorted(self._asked if self._step == msg.step else ()):
+            if not self.seed_synced:
+                self._send(cid, msg)
+            elif self.synced[cid] == msg.step:
                 self._send(cid, msg)
                 self.synced[cid] = msg.step + 1
 
     # --- end of run and figures -----------------------------------------------------------
     def close(self) -> None:
         """Bring every client to the final step and check each replica against the record."""
-        target = self.record.step
         try:
-            for cid in range(self.cfg.clients):
+            for cid in range(self.cfg.clients if self.seed_synced else 0):
+                target = self.method.synced().step
                 for _ in range(1 + self.retries):
                     refs = self._start(cid, [], target)
                     if refs is not None and self._finish(cid, refs, 0, target)[0]:
@@ -296,7 +326,7 @@ class RayEngine:
                 ray.shutdown()
 
     def client_ms_per_step(self, sampled: int) -> float:
-        steps = self.record.step - (self.measure_step is not None)
+        steps = self._step + 1 - (self.measure_step is not None)
         return 1000 * self._seconds / (steps * sampled) if steps > 0 else float("nan")
 
 

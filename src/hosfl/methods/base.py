@@ -1,19 +1,55 @@
-"""What the methods share: client data access, the federation they build, optimizers."""
+"""The contract every method fills in, and the server role the split methods share.
+
+A method is a ``Method`` subclass in one file, plus one line in ``methods/__init__.py``:
+
+- ``client(shard)`` makes the role one client plays (``ClientRole.handle`` answers each
+  message the engine delivers to it);
+- ``step(t, engine)`` is the server's part of one aggregation: it asks the engine to carry
+  messages to clients and back, and returns (training loss, the step's update message);
+- ``state_dict()`` / ``load_state_dict()`` hold everything a resume needs (weights,
+  optimizer states, learning rates, reference weights), so resume is exact for every method;
+- ``seed_synced`` tells the runner and the engines what they may rely on: the client model
+  moves only by (seeds, v̄) broadcasts, so it is journaled, replayable and caught up by
+  replay; such a method has ``replica`` (the server's record of θ_c: ``model``,
+  ``optimizer``) and ``synced()`` (the record's step and digest).
+
+The runner and the engines call nothing else (Flower's Strategy is the model: the loop lives
+outside, and built-in methods use nothing a third-party one cannot).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from hosfl import zo
 from hosfl.config import Config
-from hosfl.protocol import Message
+from hosfl.data import source
+from hosfl.protocol import (
+    CatchUp,
+    CutGradient,
+    Message,
+    ModelWeights,
+    ProbeScalars,
+    ProtocolError,
+    ScalarBroadcast,
+    SmashedData,
+    StepPlan,
+    Synced,
+)
+from hosfl.tasks.base import Task
 
 NO_SEEDS = torch.empty(0, dtype=torch.int32)  # the StepPlan of a method that does not probe
+
+
+class Diverged(Exception):
+    """The step's update is not finite; it was not sent to any client."""
 
 
 def make_optimizer(
@@ -26,22 +62,38 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r} (valid: sgd, adam)")
 
 
+def digest(params: list[torch.Tensor]) -> int:
+    """A 63-bit hash of the parameters' bytes: replicas agree bit for bit iff (almost surely)
+    their digests agree."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in params:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def sample_clients(cfg: Config, step: int) -> list[int]:
+    """The K clients of ``step``, sorted; drawn from ``default_rng([seed, 0, step])``."""
+    rng = np.random.default_rng([cfg.seed, 0, step])
+    return sorted(rng.choice(cfg.clients, size=cfg.sampled, replace=False).tolist())
+
+
 class Shard:
-    """One client's private data: indices into the shared training tensors.
+    """One client's private data: indices into the training data (tensors or a Dataset).
 
     The batch of step t is drawn from ``default_rng([seed, 2, client, t])``: the same on every run
     and every machine, with no per-client generator state to keep."""
 
-    def __init__(self, cid: int, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, seed: int):
-        self.cid, self.x, self.y, self.idx, self.seed = cid, x, y, idx, seed
+    def __init__(self, cid: int, data: source.Data, idx: np.ndarray, seed: int) -> None:
+        self.cid, self.data, self.idx, self.seed = cid, data, idx, seed
 
     def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 2, self.cid, step])
-        pick = torch.from_numpy(rng.choice(self.idx, size=min(size, len(self.idx)), replace=False))
-        return self.x[pick], self.y[pick]
+        return source.take(self.data, rng.choice(self.idx, min(size, len(self.idx)), False))
 
 
 class ClientRole(ABC):
+    shard: Shard
+
     @abstractmethod
     def handle(self, msg: Message) -> Message | None:
         """Answer one message from the server (None for broadcasts)."""
@@ -52,29 +104,185 @@ class ClientRole(ABC):
         all) are updated by one delivery; the ledger still counts a copy per client."""
         return self
 
+    def synced(self) -> Synced | None:
+        """Where this client's seed-synced replica is (None: the client keeps no replica)."""
+        return None
 
-@dataclass
-class Federation:
-    """What a method's ``build`` returns: the server role, one role per client, the two parts
-    of the model evaluated at the end (shared in memory in-process), and what one client holds
-    in memory (the client part, or the whole model for the federated-learning baselines)."""
-
-    server: object
-    clients: list[ClientRole]
-    client_model: nn.Module
-    server_model: nn.Module
-    client_optimizer: torch.optim.Optimizer | None  # None: clients keep no optimizer state
-    client_holds: nn.Module | None = None  # None: client_model
-
-    def __post_init__(self) -> None:
-        if self.client_holds is None:
-            self.client_holds = self.client_model
+    def catch_up(self, msg: CatchUp) -> Synced:
+        """Replay the (seeds, v̄) rows this client missed; only seed-synced clients can."""
+        raise ProtocolError(f"client {self.shard.cid} keeps no replica to catch up")
 
 
-def sample_clients(cfg: Config, step: int) -> list[int]:
-    """The K clients of ``step``, sorted; drawn from ``default_rng([seed, 0, step])``."""
-    rng = np.random.default_rng([cfg.seed, 0, step])
-    return sorted(rng.choice(cfg.clients, size=cfg.sampled, replace=False).tolist())
+class Method(ABC):
+    """A federated training method, seen from the server. See the module docstring."""
+
+    name: ClassVar[str]
+    seed_synced: ClassVar[bool] = False
+
+    def __init__(
+        self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task: Task
+    ) -> None:
+        self.cfg, self.task = cfg, task
+        self.client_model, self.server_model = client_model, server_model
+        self.client_holds: nn.Module = client_model  # what one client keeps in memory
+        self.rejections: list[dict] = []
+        self.sampled: list[int] = []  # the clients of the current step
+
+    @abstractmethod
+    def client(self, shard: Shard) -> ClientRole:
+        """The role of the client that holds ``shard``."""
+
+    @abstractmethod
+    def step(self, t: int, engine: Any) -> tuple[float | None, Message | None]:
+        """One aggregation; returns the training loss (None: not known) and the update."""
+
+    @property
+    def client_lr(self) -> float | None:
+        """The learning rate the clients' updates use (None: the clients train nothing)."""
+        return self.cfg.client_lr
+
+    def stateful(self) -> dict[str, Any]:
+        """Objects with ``state_dict``/``load_state_dict`` that a checkpoint must hold;
+        ``client`` and ``server`` (the two model parts) always."""
+        return {"client": self.client_model, "server": self.server_model}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.state_dict() for k, v in self.stateful().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, obj in self.stateful().items():
+            if key not in state:
+                raise ValueError(f"the checkpoint holds no {key!r} state for {self.name}")
+            obj.load_state_dict(state[key])
+
+    def reject(self, step: int, cid: int, reason: str) -> None:
+        self.rejections.append({"step": step, "client": cid, "reason": reason})
+
+    def sample(self, step: int) -> list[int]:
+        return sample_clients(self.cfg, step)
+
+    def admit(self, replies: dict[int, Message], step: int, kind: type) -> dict[int, Message]:
+        """The replies that ``why_not`` finds acceptable; the others are rejected (logged)."""
+        admitted = {}
+        for cid in sorted(replies):
+            why = self.why_not(cid, replies[cid], step, kind)
+            if why is None:
+                admitted[cid] = replies[cid]
+            else:
+                self.reject(step, cid, why)
+        return admitted
+
+    def why_not(self, cid: int, msg: Message, step: int, kind: type) -> str | None:
+        """None if ``msg`` is an acceptable ``kind`` reply of client ``cid`` at ``step``."""
+        if cid not in self.sampled:
+            return f"client {cid} was not sampled at step {step}"
+        if not isinstance(msg, kind):
+            return f"expected {kind.__name__}, got {type(msg).__name__}"
+        if msg.step != step:
+            return f"{kind.__name__} of step {msg.step} at step {step}"
+        try:
+            msg.validate()
+        except ProtocolError as e:
+            return str(e)
+        return None
+
+
+class SplitMethod(Method):
+    """The server role of the split methods (HO-SFL's, reused by the baselines): sample,
+    draw seeds, check every upload, backprop the server part, average the scalars."""
+
+    def __init__(
+        self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task: Task
+    ) -> None:
+        super().__init__(cfg, client_model, server_model, task)
+        self.model = server_model
+        self.optimizer = make_optimizer(
+            cfg.server_optimizer, server_model.parameters(), cfg.server_lr, cfg.momentum
+        )
+        self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
+
+    def stateful(self) -> dict[str, Any]:
+        return {**super().stateful(), "server_optimizer": self.optimizer}
+
+    @torch.no_grad()
+    def expect_cut(self, shard: Shard) -> None:
+        """Learn the shape of one example's smashed data, which every upload is checked
+        against, from one forward of the client part."""
+        was = self.client_model.training
+        self.z_shape = tuple(self.client_model.eval()(shard.batch(0, 1)[0]).shape[1:])
+        self.client_model.train(was)
+
+    def plan(self, step: int) -> tuple[list[int], StepPlan]:
+        self.sampled = self.sample(step)
+        rng = np.random.default_rng([self.cfg.seed, 1, step])
+        seeds = torch.from_numpy(rng.integers(0, 2**31, size=self.cfg.P, dtype=np.int64))
+        return self.sampled, StepPlan(step, seeds.to(torch.int32))
+
+    def why_not(self, cid: int, msg: Message, step: int, kind: type) -> str | None:
+        why = super().why_not(cid, msg, step, kind)
+        if why is not None:
+            return why
+        if isinstance(msg, SmashedData):
+            n = msg.y.shape[0] if msg.y.dim() else 0
+            if self.z_shape is not None and (
+                tuple(msg.z.shape) != (n, *self.z_shape) or not 0 < n <= self.cfg.batch_size
+            ):
+                return (
+                    f"smashed data of shape {tuple(msg.z.shape)} for {n} labels, expected "
+                    f"({n}, {', '.join(map(str, self.z_shape))}) with 1..{self.cfg.batch_size}"
+                )
+            classes = self.task.classes
+            if classes and (msg.y.is_floating_point() or msg.y.dim() != 1):
+                return "labels must be one integer per example"
+            if classes and (msg.y.min() < 0 or msg.y.max() >= classes):
+                return f"labels outside 0..{classes - 1}"
+        if isinstance(msg, ProbeScalars) and msg.values.shape != (self.cfg.P,):
+            return f"expected {self.cfg.P} probe scalars, got {tuple(msg.values.shape)}"
+        if isinstance(msg, ModelWeights):
+            d = sum(p.numel() for p in zo.trainable(self.client_model))
+            if msg.weights.shape != (d,):
+                return f"{msg.weights.numel()} weights for a client part of {d}"
+        return None
+
+    def train(self, smashed: dict[int, Message], step: int) -> tuple[dict, float | None]:
+        """One optimizer step on θ_s over the admitted clients' batches; λ_m for each.
+
+        Each client's loss is backpropagated on its own so that z_m.grad is exactly ∂ℓ_m/∂z_m
+        (the λ of the paper); θ_s's accumulated gradient is then divided by their number.
+        With no admissible batch θ_s is left as it is (loss None)."""
+        smashed = self.admit(smashed, step, SmashedData)
+        if not smashed:
+            return {}, None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        lams, total = {}, 0.0
+        for cid, msg in smashed.items():
+            z = msg.z.detach().clone().requires_grad_(True)
+            loss = self.task.loss(self.model(z), msg.y)
+            loss.backward()
+            lams[cid] = CutGradient(msg.step, z.grad)
+            total += loss.item()
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(len(smashed))
+        self.optimizer.step()
+        return lams, total / len(smashed)
+
+    def aggregate(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
+        """v̄ over the admitted clients (``cfg.aggregate``: mean, median, or the mean without
+        each probe's lowest and highest value), in float64, sent as float32. No admissible
+        scalars: v̄ = 0, a step that moves no client."""
+        scalars = self.admit(scalars, plan.step, ProbeScalars)
+        if not scalars:
+            return ScalarBroadcast(plan.step, plan.seeds, torch.zeros(len(plan.seeds)))
+        v = torch.stack([scalars[c].values.double() for c in sorted(scalars)])
+        if self.cfg.aggregate == "median":
+            vbar = v.quantile(0.5, dim=0)
+        elif self.cfg.aggregate == "trimmed" and len(v) > 2:  # fewer admitted: the mean
+            vbar = v.sort(0).values[1:-1].mean(0)
+        else:
+            vbar = v.mean(0)
+        return ScalarBroadcast(plan.step, plan.seeds, vbar.float())
 
 
 @torch.no_grad()

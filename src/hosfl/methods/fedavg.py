@@ -1,70 +1,72 @@
 """FedAvg (McMahan et al., AISTATS 2017): the whole model on every client, first order.
 
     t:  server samples K clients                             -> global θ down to each
-        each client m: E local SGD steps on its own batches  -> θ_m up
+        each client m: E local steps on its own batches      -> θ_m up
         server: θ ← 1/K Σ_m θ_m
 
-No split: a client holds and backpropagates through the whole model (d = d_c + d_s).
+No split: a client holds and backpropagates through the whole model (d = d_c + d_s). The
+local optimizer is ``client_optimizer`` (with ``momentum``), created afresh each round as in
+FedAvg: no optimizer state crosses rounds. The global θ lives in the model itself, so a
+checkpoint of the model parts is all a resume needs.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from hosfl import zo
 from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Federation, Shard, load_flat_, sample_clients
+from hosfl.methods.base import ClientRole, Diverged, Method, Shard, load_flat_, make_optimizer
 from hosfl.protocol import Message, ModelWeights, ProtocolError
 
 
 class Client(ClientRole):
-    def __init__(self, shard: Shard, model: nn.Module, cfg: Config) -> None:
-        self.shard, self.model, self.cfg = shard, model, cfg
+    def __init__(self, shard: Shard, model: nn.Module, task, cfg: Config) -> None:
+        self.shard, self.model, self.task, self.cfg = shard, model, task, cfg
 
     def handle(self, msg: Message) -> Message | None:
         if not isinstance(msg, ModelWeights):
             raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
         params = zo.trainable(self.model)
         load_flat_(params, msg.weights)
-        optimizer = torch.optim.SGD(params, lr=self.cfg.client_lr)
+        cfg = self.cfg
+        optimizer = make_optimizer(cfg.client_optimizer, params, cfg.client_lr, cfg.momentum)
         self.model.train()
-        for e in range(self.cfg.local_steps):
-            x, y = self.shard.batch(msg.step * self.cfg.local_steps + e, self.cfg.batch_size)
+        for e in range(cfg.local_steps):
+            x, y = self.shard.batch(msg.step * cfg.local_steps + e, cfg.batch_size)
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(self.model(x), y).backward()
+            self.task.loss(self.model(x), y).backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             return ModelWeights(msg.step, parameters_to_vector(params))
 
 
-class Server:
-    def __init__(self, model: nn.Module, cfg: Config) -> None:
-        self.model, self.cfg = model, cfg
+class FedAvg(Method):
+    name = "fedavg"
+
+    def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
+        super().__init__(cfg, client_model, server_model, task)
+        self.model = nn.Sequential(client_model, server_model)
+        self.client_holds = self.model
+        self.params = zo.trainable(self.model)
+
+    def client(self, shard: Shard) -> ClientRole:
+        return Client(shard, self.model, self.task, self.cfg)
+
+    def step(self, t: int, engine) -> tuple[float | None, Message]:
+        self.sampled = self.sample(t)
         with torch.no_grad():
-            self.weights = parameters_to_vector(zo.trainable(model)).clone()
-
-
-def build(
-    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
-) -> Federation:
-    whole = nn.Sequential(client_model, server_model)
-    clients: list[ClientRole] = [Client(s, whole, cfg) for s in shards]
-    return Federation(
-        Server(whole, cfg),
-        clients,
-        client_model,
-        server_model,
-        client_optimizer=None,
-        client_holds=whole,
-    )
-
-
-def step(t: int, server: Server, engine) -> tuple[float | None, Message]:
-    local = engine.ask({m: ModelWeights(t, server.weights) for m in sample_clients(server.cfg, t)})
-    server.weights = torch.stack([local[m].weights for m in sorted(local)]).mean(0)
-    load_flat_(zo.trainable(server.model), server.weights)
-    return None, ModelWeights(t, server.weights)
+            weights = parameters_to_vector(self.params)
+        local = self.admit(
+            engine.ask({m: ModelWeights(t, weights) for m in self.sampled}), t, ModelWeights
+        )
+        local = {m: w for m, w in local.items() if w.weights.shape == weights.shape}
+        if local:
+            avg = torch.stack([local[m].weights for m in sorted(local)]).mean(0)
+            if not bool(torch.isfinite(avg).all()):
+                raise Diverged("the averaged weights are not finite")
+            load_flat_(self.params, avg)
+        return None, ModelWeights(t, weights if not local else avg)

@@ -11,16 +11,14 @@ client's zeroth-order training earns its cost.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from hosfl.config import Config
-from hosfl.methods.base import NO_SEEDS, ClientRole, Federation, Shard
-from hosfl.methods.hosfl import Server, cut_shape
+from hosfl.methods.base import NO_SEEDS, ClientRole, Shard, SplitMethod
 from hosfl.protocol import Message, ProtocolError, SmashedData, StepPlan
 
 
 class Client(ClientRole):
-    def __init__(self, shard: Shard, model: nn.Module, cfg: Config) -> None:
+    def __init__(self, shard: Shard, model: torch.nn.Module, cfg: Config) -> None:
         self.shard, self.model, self.cfg = shard, model.eval(), cfg
 
     @torch.no_grad()
@@ -31,21 +29,20 @@ class Client(ClientRole):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-def build(
-    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
-) -> Federation:
-    clients: list[ClientRole] = [Client(s, client_model, cfg) for s in shards]
-    return Federation(
-        Server(server_model, cfg, classes, cut_shape(client_model, shards[0])),
-        clients,
-        client_model,
-        server_model,
-        client_optimizer=None,
-    )
+class Frozen(SplitMethod):
+    name = "frozen"
 
+    @property
+    def client_lr(self) -> None:
+        return None
 
-def step(t: int, server: Server, engine) -> tuple[float, Message | None]:
-    clients, _ = server.plan(t)
-    smashed = engine.ask({m: StepPlan(t, NO_SEEDS) for m in clients})
-    _, loss = server.train(smashed, t)
-    return loss, None
+    def client(self, shard: Shard) -> ClientRole:
+        if self.z_shape is None:
+            self.expect_cut(shard)
+        return Client(shard, self.client_model, self.cfg)
+
+    def step(self, t: int, engine) -> tuple[float | None, Message | None]:
+        clients, _ = self.plan(t)
+        smashed = engine.ask({m: StepPlan(t, NO_SEEDS) for m in clients})
+        _, loss = self.train(smashed, t)
+        return loss, None

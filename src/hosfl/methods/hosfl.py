@@ -12,17 +12,22 @@ The engine moves the messages; this file only computes.
 
 from __future__ import annotations
 
-import hashlib
 import math
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hosfl import zo
 from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Federation, Shard, make_optimizer, sample_clients
+from hosfl.methods.base import (
+    ClientRole,
+    Diverged,
+    Shard,
+    SplitMethod,
+    digest,
+    make_optimizer,
+)
 from hosfl.protocol import (
     CatchUp,
     CutGradient,
@@ -34,15 +39,6 @@ from hosfl.protocol import (
     StepPlan,
     Synced,
 )
-
-
-def digest(params: list[torch.Tensor]) -> int:
-    """A 63-bit hash of the parameters' bytes: replicas agree bit for bit iff (almost surely)
-    their digests agree."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in params:
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(h.digest(), "little") >> 1
 
 
 def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
@@ -98,7 +94,18 @@ class Replica:
             raise ProtocolError(f"replica at step {self.step}, catch-up from step {msg.step}")
         for i in range(self.step - msg.step, len(msg.seeds)):
             self.apply(ScalarBroadcast(msg.step + i, msg.seeds[i], msg.values[i]))
+        return self.synced()
+
+    def synced(self) -> Synced:
+        """Where this replica is: its next step and its digest."""
         return Synced(self.step, digest(self.params))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
 
 
 class ReplicaClient(ClientRole):
@@ -111,6 +118,12 @@ class ReplicaClient(ClientRole):
     @property
     def state(self) -> object:
         return self.replica
+
+    def synced(self) -> Synced:
+        return self.replica.synced()
+
+    def catch_up(self, msg: CatchUp) -> Synced:
+        return self.replica.catch_up(msg)
 
 
 class Client(ReplicaClient):
@@ -159,133 +172,47 @@ class Client(ReplicaClient):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-class Server:
-    """The server role. Every client message is admitted or rejected with a reason: a rejected
-    contribution is dropped from the step (logged in ``rejections``) and changes nothing."""
+class HOSFL(SplitMethod):
+    """Algorithm 1: the server step above, clients that probe and never backpropagate."""
 
-    def __init__(self, model: nn.Module, cfg: Config, classes: int, z_shape: tuple) -> None:
-        self.model, self.cfg, self.classes, self.z_shape = model, cfg, classes, z_shape
-        self.optimizer = make_optimizer(
-            cfg.server_optimizer, model.parameters(), cfg.server_lr, cfg.momentum
-        )
-        self.sampled: list[int] = []
-        self.rejections: list[dict] = []
+    name = "hosfl"
+    seed_synced = True
+    client_class: type[ReplicaClient] = Client
 
-    def reject(self, step: int, cid: int, reason: str) -> None:
-        self.rejections.append({"step": step, "client": cid, "reason": reason})
+    def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
+        super().__init__(cfg, client_model, server_model, task)
+        # the server's record of θ_c; in-process every client role shares it
+        self.replica = Replica(client_model, cfg)
 
-    def plan(self, step: int) -> tuple[list[int], StepPlan]:
-        self.sampled = sample_clients(self.cfg, step)
-        rng = np.random.default_rng([self.cfg.seed, 1, step])
-        seeds = torch.from_numpy(rng.integers(0, 2**31, size=self.cfg.P, dtype=np.int64))
-        return self.sampled, StepPlan(step, seeds.to(torch.int32))
+    @property
+    def client_lr(self) -> float:
+        return self.replica.optimizer.param_groups[0]["lr"]
 
-    def _why_not(self, cid: int, msg: Message, step: int, kind: type) -> str | None:
-        """None if ``msg`` is an acceptable ``kind`` reply of client ``cid`` at ``step``."""
-        if cid not in self.sampled:
-            return f"client {cid} was not sampled at step {step}"
-        if not isinstance(msg, kind):
-            return f"expected {kind.__name__}, got {type(msg).__name__}"
-        if msg.step != step:
-            return f"{kind.__name__} of step {msg.step} at step {step}"
-        try:
-            msg.validate()
-        except ProtocolError as e:
-            return str(e)
-        if isinstance(msg, SmashedData):
-            n = msg.y.shape[0]
-            if tuple(msg.z.shape) != (n, *self.z_shape) or not 0 < n <= self.cfg.batch_size:
-                return (
-                    f"smashed data of shape {tuple(msg.z.shape)} for {n} labels, expected "
-                    f"({n}, {', '.join(map(str, self.z_shape))}) with 1..{self.cfg.batch_size}"
-                )
-            if msg.y.min() < 0 or msg.y.max() >= self.classes:
-                return f"labels outside 0..{self.classes - 1}"
-        if isinstance(msg, ProbeScalars) and msg.values.shape != (self.cfg.P,):
-            return f"expected {self.cfg.P} probe scalars, got {tuple(msg.values.shape)}"
-        return None
+    def client(self, shard: Shard) -> ClientRole:
+        if self.z_shape is None:
+            self.expect_cut(shard)
+        return self.client_class(shard, self.replica, self.cfg)
 
-    def admit(self, replies: dict[int, Message], step: int, kind: type) -> dict[int, Message]:
-        admitted = {}
-        for cid in sorted(replies):
-            why = self._why_not(cid, replies[cid], step, kind)
-            if why is None:
-                admitted[cid] = replies[cid]
-            else:
-                self.reject(step, cid, why)
-        return admitted
+    def stateful(self) -> dict[str, Any]:
+        return {**super().stateful(), "replica": self.replica}
 
-    def train(
-        self, smashed: dict[int, Message], step: int
-    ) -> tuple[dict[int, CutGradient], float | None]:
-        """One optimizer step on θ_s over the admitted clients' batches; λ_m for each.
+    def synced(self) -> Synced:
+        """The server's record of θ_c: its next step and digest."""
+        return self.replica.synced()
 
-        Each client's loss is backpropagated on its own so that z_m.grad is exactly ∂ℓ_m/∂z_m
-        (the λ of the paper); θ_s's accumulated gradient is then divided by their number.
-        With no admissible batch θ_s is left as it is (loss None)."""
-        smashed = self.admit(smashed, step, SmashedData)
-        if not smashed:
-            return {}, None
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        lams, total = {}, 0.0
-        for cid, msg in smashed.items():
-            z = msg.z.detach().clone().requires_grad_(True)
-            loss = F.cross_entropy(self.model(z), msg.y)
-            loss.backward()
-            lams[cid] = CutGradient(msg.step, z.grad)
-            total += loss.item()
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.div_(len(smashed))
-        self.optimizer.step()
-        return lams, total / len(smashed)
+    def commit(self, update: ScalarBroadcast, engine) -> None:
+        """Send the step's update to the clients and apply it to the record (in-process the
+        record is the clients' replica: the second application is a no-op)."""
+        if not bool(torch.isfinite(update.values).all()):
+            raise Diverged("the averaged probe scalars are not finite")
+        engine.broadcast(update)
+        self.replica.apply(update)
 
-    def aggregate(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
-        """v̄ over the admitted clients (``cfg.aggregate``: mean, median, or the mean without
-        each probe's lowest and highest value), in float64, sent as float32. No admissible
-        scalars: v̄ = 0, a step that moves no client."""
-        scalars = self.admit(scalars, plan.step, ProbeScalars)
-        if not scalars:
-            return ScalarBroadcast(plan.step, plan.seeds, torch.zeros(len(plan.seeds)))
-        v = torch.stack([scalars[c].values.double() for c in sorted(scalars)])
-        if self.cfg.aggregate == "median":
-            vbar = v.quantile(0.5, dim=0)
-        elif self.cfg.aggregate == "trimmed" and len(v) > 2:
-            vbar = v.sort(0).values[1:-1].mean(0)
-        else:
-            vbar = v.mean(0)
-        return ScalarBroadcast(plan.step, plan.seeds, vbar.float())
-
-
-@torch.no_grad()
-def cut_shape(client_model: nn.Module, shard: Shard) -> tuple[int, ...]:
-    """The shape of one example's smashed data, which the server checks every upload against."""
-    return tuple(client_model(shard.batch(0, 1)[0]).shape[1:])
-
-
-def build(
-    cfg: Config,
-    client_model: nn.Module,
-    server_model: nn.Module,
-    shards: list[Shard],
-    classes: int,
-    client_class: type = Client,
-    server_class: type = Server,
-) -> Federation:
-    """All clients share one Replica; HOSL and ZO-SFL reuse this with their own roles."""
-    replica = Replica(client_model, cfg)
-    clients: list[ClientRole] = [client_class(s, replica, cfg) for s in shards]
-    server = server_class(server_model, cfg, classes, cut_shape(client_model, shards[0]))
-    return Federation(server, clients, client_model, server_model, replica.optimizer)
-
-
-def step(t: int, server: Server, engine) -> tuple[float, Message]:
-    """One aggregation; returns the training loss and the broadcast (the step's log entry)."""
-    clients, plan = server.plan(t)
-    smashed = engine.ask({m: plan for m in clients})
-    lams, loss = server.train(smashed, t)
-    scalars = engine.ask(lams)
-    update = server.aggregate(plan, scalars)
-    engine.broadcast(update)
-    return loss, update
+    def step(self, t: int, engine) -> tuple[float | None, Message]:
+        clients, plan = self.plan(t)
+        smashed = engine.ask({m: plan for m in clients})
+        lams, loss = self.train(smashed, t)
+        scalars = engine.ask(lams)
+        update = self.aggregate(plan, scalars)
+        self.commit(update, engine)
+        return loss, update

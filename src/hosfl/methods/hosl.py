@@ -16,14 +16,11 @@ computes the loss differences itself, so it sends them down once, averaged, in t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from hosfl import zo
 from hosfl.config import Config
-from hosfl.methods import hosfl
-from hosfl.methods.base import Federation, Shard
-from hosfl.methods.hosfl import Replica, ReplicaClient, Server
+from hosfl.methods.base import Shard
+from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient
 from hosfl.protocol import (
     Message,
     ProbeRequest,
@@ -62,28 +59,52 @@ class Client(ReplicaClient):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-@torch.no_grad()
-def _losses(model: nn.Module, zs: dict[int, torch.Tensor], ys: dict[int, torch.Tensor]):
-    return {m: F.cross_entropy(model(zs[m]), ys[m]).double() for m in sorted(zs)}
+class HOSL(HOSFL):
+    name = "hosl"
+    client_class = Client
 
+    @torch.no_grad()
+    def losses(self, zs: dict[int, torch.Tensor], ys: dict[int, torch.Tensor]) -> dict:
+        """Each client's loss at the server's current θ_s, in eval mode: probing must not
+        move BatchNorm statistics (P+1 forwards a step) nor see dropout."""
+        was = self.model.training
+        self.model.eval()
+        out = {m: self.task.loss(self.model(zs[m]), ys[m]).double() for m in sorted(zs)}
+        self.model.train(was)
+        return out
 
-def build(
-    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
-) -> Federation:
-    return hosfl.build(cfg, client_model, server_model, shards, classes, client_class=Client)
+    @staticmethod
+    def why_not_probe(reply: Message, base: SmashedData, t: int) -> str | None:
+        if not isinstance(reply, SmashedData) or reply.step != t:
+            return f"expected the probed SmashedData of step {t}, got {reply}"
+        try:
+            reply.validate()
+        except ProtocolError as e:
+            return str(e)
+        if reply.z.shape != base.z.shape:
+            return f"probed smashed data of shape {tuple(reply.z.shape)}, not {tuple(base.z.shape)}"
+        return None
 
-
-def step(t: int, server: Server, engine) -> tuple[float, Message]:
-    clients, plan = server.plan(t)
-    smashed = engine.ask({m: plan for m in clients})
-    ys = {m: s.y for m, s in smashed.items()}
-    base = _losses(server.model, {m: s.z for m, s in smashed.items()}, ys)
-    values = []
-    for p in range(len(plan.seeds)):
-        probed = engine.ask({m: ProbeRequest(t, p) for m in clients})
-        losses = _losses(server.model, {m: s.z for m, s in probed.items()}, ys)
-        values.append(sum(losses[m] - base[m] for m in clients) / len(clients))
-    _, loss = server.train(smashed, t)
-    update = ScalarBroadcast(t, plan.seeds, torch.stack(values).float())
-    engine.broadcast(update)
-    return loss, update
+    def step(self, t: int, engine) -> tuple[float | None, Message]:
+        clients, plan = self.plan(t)
+        smashed = self.admit(engine.ask({m: plan for m in clients}), t, SmashedData)
+        ys = {m: s.y for m, s in smashed.items()}
+        base = self.losses({m: s.z for m, s in smashed.items()}, ys)
+        values = []
+        for p in range(len(plan.seeds)):
+            probed = {}
+            for m, reply in engine.ask({m: ProbeRequest(t, p) for m in smashed}).items():
+                why = self.why_not_probe(reply, smashed[m], t)
+                if why is None:
+                    probed[m] = reply
+                else:
+                    self.reject(t, m, why)
+            losses = self.losses({m: s.z for m, s in probed.items()}, ys)
+            diffs = [losses[m] - base[m] for m in sorted(losses)]
+            values.append(
+                sum(diffs) / len(diffs) if diffs else torch.zeros((), dtype=torch.float64)
+            )
+        _, loss = self.train(smashed, t)
+        update = ScalarBroadcast(t, plan.seeds, torch.stack(values).float())
+        self.commit(update, engine)
+        return loss, update

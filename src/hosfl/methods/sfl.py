@@ -1,13 +1,16 @@
 """First-order split learning, SplitFed V1 (Thapa et al., AAAI 2022), as HO-SFL's baseline.
 
-    t:  server samples K clients
+    t:  server samples K clients                                          -> θ_c down to each
         each client m: z_m = f_c(x_m; θ_c), keeping the autograd graph    -> z_m, y_m up
         server: same step as HO-SFL                                       -> λ_m down
         each client m: g_m = ∂(λ_mᵀ z_m)/∂θ_c by backprop;
                        θ_m = θ_c − lr·g_m (one local SGD step)           -> θ_m up (4·d_c bytes)
-        server (FedAvg): θ_c ← 1/K Σ_m θ_m                                -> θ_c down to all
+        server (FedAvg): θ_c ← 1/K Σ_m θ_m
 
-The server role is HO-SFL's: the two methods differ only on the client and in what syncs it.
+A client receives the averaged θ_c when it is next sampled (as in FedAvg), so the download is
+counted K times a step, not M. The server role is HO-SFL's: the two methods differ only on the
+client and in what syncs it. Uploaded weights are checked like every other message (their
+number, finite values); a step with none admitted leaves θ_c as it is.
 """
 
 from __future__ import annotations
@@ -16,9 +19,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from hosfl import zo
 from hosfl.config import Config
-from hosfl.methods.base import NO_SEEDS, ClientRole, Federation, Shard, load_flat_
-from hosfl.methods.hosfl import Server, cut_shape
+from hosfl.methods.base import (
+    NO_SEEDS,
+    ClientRole,
+    Diverged,
+    Shard,
+    SplitMethod,
+    load_flat_,
+)
 from hosfl.protocol import (
     CutGradient,
     Message,
@@ -32,10 +42,13 @@ from hosfl.protocol import (
 class Client(ClientRole):
     def __init__(self, shard: Shard, model: nn.Module, cfg: Config) -> None:
         self.shard, self.model, self.cfg = shard, model, cfg
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = zo.trainable(model)
         self._pending: tuple[int, torch.Tensor] | None = None
 
     def handle(self, msg: Message) -> Message | None:
+        if isinstance(msg, ModelWeights):  # the FedAvg-ed model, fetched when sampled
+            load_flat_(self.params, msg.weights)
+            return None
         if isinstance(msg, StepPlan):  # forward with autograd: the client keeps activations
             x, y = self.shard.batch(msg.step, self.cfg.batch_size)
             z = self.model.train()(x)
@@ -52,35 +65,44 @@ class Client(ClientRole):
                     parameters_to_vector(grads)
                 )
             return ModelWeights(step, local)
-        if isinstance(msg, ModelWeights):  # the FedAvg-ed model
-            load_flat_(self.params, msg.weights)
-            return None
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-def build(
-    cfg: Config,
-    client_model: nn.Module,
-    server_model: nn.Module,
-    shards: list[Shard],
-    classes: int,
-) -> Federation:
-    if cfg.client_optimizer != "sgd" or cfg.momentum:
-        raise ValueError(
-            "sfl-v1: clients take one plain SGD step (client_optimizer=sgd, momentum=0)"
-        )
-    clients: list[ClientRole] = [Client(s, client_model, cfg) for s in shards]
-    server = Server(server_model, cfg, classes, cut_shape(client_model, shards[0]))
-    return Federation(server, clients, client_model, server_model, client_optimizer=None)
+class SplitFedV1(SplitMethod):
+    name = "sfl-v1"
 
+    def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
+        if cfg.client_optimizer != "sgd" or cfg.momentum:
+            raise ValueError(
+                f"{self.name}: clients take one plain SGD step (client_optimizer=sgd, momentum=0)"
+            )
+        super().__init__(cfg, client_model, server_model, task)
+        self.params = zo.trainable(client_model)  # the server's copy of θ_c (FedAvg-ed)
 
-def step(t: int, server: Server, engine) -> tuple[float, Message]:
-    clients, _ = server.plan(t)
-    plan = StepPlan(t, NO_SEEDS)  # no probes: no seeds
-    smashed = engine.ask({m: plan for m in clients})
-    lams, loss = server.train(smashed, t)
-    local = engine.ask(lams)
-    avg = torch.stack([local[c].weights for c in sorted(local)]).mean(0)
-    update = ModelWeights(t, avg)
-    engine.broadcast(update)
-    return loss, update
+    def client(self, shard: Shard) -> ClientRole:
+        if self.z_shape is None:
+            self.expect_cut(shard)
+        return Client(shard, self.client_model, self.cfg)
+
+    def send_model(self, t: int, clients: list[int], engine) -> None:
+        with torch.no_grad():
+            weights = parameters_to_vector(self.params)
+        engine.tell({m: ModelWeights(t, weights) for m in clients})
+
+    def average(self, t: int, local: dict[int, Message]) -> ModelWeights | None:
+        """FedAvg of the admitted local models into the server's θ_c."""
+        local = self.admit(local, t, ModelWeights)
+        if not local:
+            return None
+        avg = torch.stack([local[c].weights for c in sorted(local)]).mean(0)
+        if not bool(torch.isfinite(avg).all()):
+            raise Diverged("the averaged client weights are not finite")
+        load_flat_(self.params, avg)
+        return ModelWeights(t, avg)
+
+    def step(self, t: int, engine) -> tuple[float | None, Message | None]:
+        clients, _ = self.plan(t)
+        self.send_model(t, clients, engine)
+        smashed = engine.ask({m: StepPlan(t, NO_SEEDS) for m in clients})
+        lams, loss = self.train(smashed, t)
+        return loss, self.average(t, engine.ask(lams))

@@ -10,27 +10,30 @@ client, trained with zeroth-order probes of the loss; only seeds and scalars tra
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hosfl import zo
 from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Federation, Shard
-from hosfl.methods.hosfl import Replica, ReplicaClient, Server
+from hosfl.methods.base import ClientRole, Shard
+from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient
 from hosfl.protocol import Message, ProbeScalars, ProtocolError, ScalarBroadcast, StepPlan
 
 
 class Client(ReplicaClient):
+    def __init__(self, shard: Shard, replica: Replica, cfg: Config, task) -> None:
+        super().__init__(shard, replica, cfg)
+        self.task = task
+
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):
             x, y = self.shard.batch(msg.step, self.cfg.batch_size)
             model = self.replica.model
-            base = F.cross_entropy(model(x), y).double()
+            base = self.task.loss(model(x), y).double()
             values = []
             for seed in msg.seeds.tolist():
                 with zo.perturbed(model, seed, self.cfg.mu, self.cfg.directions):
-                    values.append(F.cross_entropy(model(x), y).double() - base)
+                    values.append(self.task.loss(model(x), y).double() - base)
             return ProbeScalars(msg.step, torch.stack(values).float())
         if isinstance(msg, ScalarBroadcast):
             self.replica.apply(msg)
@@ -38,27 +41,23 @@ class Client(ReplicaClient):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-def build(
-    cfg: Config, client_model: nn.Module, server_model: nn.Module, shards: list[Shard], classes: int
-) -> Federation:
-    whole = nn.Sequential(client_model, server_model)
-    replica = Replica(whole, cfg)
-    clients: list[ClientRole] = [Client(s, replica, cfg) for s in shards]
-    # The server role only samples, draws seeds and averages: the top layers it is handed are
-    # part of ``whole`` and trained by the clients' updates, never by its own optimizer.
-    return Federation(
-        Server(server_model, cfg, classes, z_shape=()),  # no smashed data in ZO-FL
-        clients,
-        client_model,
-        server_model,
-        replica.optimizer,
-        client_holds=whole,
-    )
+class ZOFL(HOSFL):
+    """The server only samples, draws seeds and averages: the whole model is the replica,
+    moved by the (seeds, v̄) broadcasts, never by a server optimizer."""
 
+    name = "zo-fl"
 
-def step(t: int, server: Server, engine) -> tuple[float | None, Message]:
-    clients, plan = server.plan(t)
-    scalars = engine.ask({m: plan for m in clients})
-    update = server.aggregate(plan, scalars)
-    engine.broadcast(update)
-    return None, update
+    def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
+        whole = nn.Sequential(client_model, server_model)
+        super().__init__(cfg, client_model, server_model, task)
+        self.replica = Replica(whole, cfg)
+        self.client_holds = whole
+
+    def client(self, shard: Shard) -> ClientRole:
+        return Client(shard, self.replica, self.cfg, self.task)
+
+    def step(self, t: int, engine) -> tuple[float | None, Message]:
+        clients, plan = self.plan(t)
+        update = self.aggregate(plan, engine.ask({m: plan for m in clients}))
+        self.commit(update, engine)
+        return None, update

