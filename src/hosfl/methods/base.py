@@ -285,6 +285,15 @@ class SplitMethod(Method):
         return ScalarBroadcast(plan.step, plan.seeds, vbar.float())
 
 
+def blown_up(replies: dict[int, Message]) -> bool:
+    """True if every reply is a model whose weights are not finite: the clients' own training
+    diverged (a divergence to report, not a few bad clients to drop)."""
+    return bool(replies) and all(
+        isinstance(r, ModelWeights) and not bool(torch.isfinite(r.weights).all())
+        for r in replies.values()
+    )
+
+
 @torch.no_grad()
 def load_flat_(params: Iterable[torch.Tensor], flat: torch.Tensor) -> None:
     """Copy a flat weight vector into ``params`` in place. (torch's vector_to_parameters

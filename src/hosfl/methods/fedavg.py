@@ -18,7 +18,15 @@ from torch.nn.utils import parameters_to_vector
 
 from hosfl import zo
 from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Diverged, Method, Shard, load_flat_, make_optimizer
+from hosfl.methods.base import (
+    ClientRole,
+    Diverged,
+    Method,
+    Shard,
+    blown_up,
+    load_flat_,
+    make_optimizer,
+)
 from hosfl.protocol import Message, ModelWeights, ProtocolError
 
 
@@ -60,9 +68,10 @@ class FedAvg(Method):
         self.sampled = self.sample(t)
         with torch.no_grad():
             weights = parameters_to_vector(self.params)
-        local = self.admit(
-            engine.ask({m: ModelWeights(t, weights) for m in self.sampled}), t, ModelWeights
-        )
+        replies = engine.ask({m: ModelWeights(t, weights) for m in self.sampled})
+        if blown_up(replies):
+            raise Diverged("every client's local model is not finite")
+        local = self.admit(replies, t, ModelWeights)
         local = {m: w for m, w in local.items() if w.weights.shape == weights.shape}
         if local:
             avg = torch.stack([local[m].weights for m in sorted(local)]).mean(0)
