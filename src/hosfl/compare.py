@@ -13,7 +13,8 @@ from pathlib import Path
 
 from hosfl.config import Config, ConfigError, method_names
 from hosfl.metrics.plots import load_run, plot_runs
-from hosfl.runner import prepare_out, run
+from hosfl.runfolder import prepare as prepare_out
+from hosfl.runner import run
 
 # Payloads that keep the clients' models in sync (model weights, or seeds and scalars);
 # the others (smashed data, labels, λ) are the split-learning activations traffic.

@@ -26,7 +26,7 @@ OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
 ENGINES = ("local", "ray")
 DIRECTIONS = ("gaussian", "rademacher")
-AGGREGATES = ("mean", "median", "trimmed")
+AGGREGATES = ("mean", "median", "trimmed", "clipped")
 LORA = ("none", "client", "server", "both")
 LR_RULES = ("fixed", "dimension")
 
@@ -101,6 +101,11 @@ class Config:
         1, "engine=ray: torch threads per client process (0: as many as the server process)"
     )
     aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
+    outlier_factor: float = _f(
+        1000.0,
+        "reject a smashed-data or probe-scalar upload whose largest value is more than this "
+        "many times the median of recent uploads (0: off)",
+    )
 
     def __init__(self, **values: Any) -> None:
         known = {f.name for f in fields(self)}
@@ -129,14 +134,26 @@ class Config:
         ):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
+        bounds = {
+            "steps": 10**8,
+            "P": 4096,
+            "batch_size": 2**20,
+            "clients": 10**6,
+            "local_steps": 10**4,
+        }
+        for key, most in bounds.items():
+            if getattr(self, key) > most:
+                raise bad(key, f"must be <= {most:,}")
         if self.sampled > self.clients:
             raise bad("sampled", f"cannot sample more clients than clients={self.clients}")
         for key in ("mu", "alpha", "lora_alpha", "zo_lr_scale"):
             if not (getattr(self, key) > 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number > 0")
-        for key in ("client_lr", "server_lr", "zo_lr_max"):
+        for key in ("client_lr", "server_lr", "zo_lr_max", "outlier_factor"):
             if not (getattr(self, key) >= 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number >= 0")
+        if 0 < self.outlier_factor < 2:
+            raise bad("outlier_factor", "must be 0 (off) or >= 2")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "must be in [0, 1)")
         if not (self.client_timeout > 0 and self.client_timeout < float("inf")):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hosfl import checkpoint, methods, zo
+from hosfl import checkpoint, methods, runfolder, zo
 from hosfl.journal import Journal
 from hosfl.runner import load_models
 
@@ -33,7 +33,16 @@ class ReplayReport:
 
 
 def replay_run(folder: str | Path) -> ReplayReport:
+    """Replay RUN's journal onto its initial client weights and compare with its checkpoint;
+    the folder is locked against a run or resume meanwhile and nothing in it is written."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise checkpoint.CheckpointError(f"{folder} is not a run folder")
+    with runfolder.locked(folder):
+        return _replay(folder)
+
+
+def _replay(folder: Path) -> ReplayReport:
     path = folder / "journal.sqlite"
     if not path.is_file():
         synced = [n for n, m in methods.METHODS.items() if m.seed_synced]
@@ -50,7 +59,7 @@ def replay_run(folder: str | Path) -> ReplayReport:
             raise checkpoint.CheckpointError(
                 f"{path} has {journal.end} steps, the checkpoint {final['step']}"
             )
-        entries = journal.entries(0, int(final["step"]))
+        entries = journal.entries(0, final["step"], cfg.P)
         steps = zo.replay_(
             replica.params,
             ((s.tolist(), v.tolist()) for s, v in entries),

@@ -13,9 +13,9 @@ Run folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hosfl import checkpoint, methods, tasks
+from hosfl import checkpoint, methods, runfolder, tasks
 from hosfl.config import Config, ConfigError
 from hosfl.data import source
 from hosfl.data.partition import histogram
@@ -86,22 +86,6 @@ def evaluate(
     return metric / n, loss / n
 
 
-def prepare_out(out: str, prefix: str) -> Path:
-    """The run folder: ``out`` if it is new or empty (never one that holds files), else a new
-    ``runs/<prefix>-<time>``."""
-    if out:
-        folder = Path(out)
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise ConfigError(f"out={out!r} already exists and is not empty; choose another folder")
-    else:
-        base = Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-        folder, n = base, 1
-        while folder.exists():
-            folder, n = Path(f"{base}-{n}"), n + 1
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
     """Data, partitions and the method's federation for ``cfg``; nothing is written."""
     try:
@@ -113,6 +97,12 @@ def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
     test = task.load("test", cfg.test_subset)
     try:
         parts = task.partition(cfg, train)
+        largest = max(len(p) for p in parts)
+        if cfg.batch_size > largest:
+            raise ValueError(
+                f"batch_size={cfg.batch_size}: no client holds that many examples (at most "
+                f"{largest}); lower batch_size"
+            )
         method = method_class(cfg, client_model, server_model, task)
         clients = [method.client(Shard(m, train, idx, cfg.seed)) for m, idx in enumerate(parts)]
     except ValueError as e:
@@ -162,44 +152,59 @@ def run(cfg: Config, log=print) -> RunResult:
         _ray_engine()  # a missing Ray is an error before anything is written
         _ray_task(cfg)
     fed, test, (labels, *parts) = build(cfg)
-    out = prepare_out(cfg.out, cfg.method)
-    (out / "config.toml").write_text(cfg.to_toml())
-    checkpoint.save(
-        out / "client_init.pt",
-        {
-            "config": cfg.to_dict(),
-            "step": 0,
-            "client": fed.client_model.state_dict(),
-            "server": fed.server_model.state_dict(),
-        },
-    )
-    if log is print and fed.task.classes:
-        _print_histogram(labels, parts, fed.task.classes)
-    return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log)
+    out = runfolder.prepare(cfg.out, cfg.method)
+    with runfolder.locked(out):
+        # config.toml first and whole (a folder holding it is a run folder), then the start
+        runfolder.write_atomic(out / "config.toml", cfg.to_toml())
+        checkpoint.save(out / "client_init.pt", _initial(cfg, fed))
+        if log is print and fed.task.classes:
+            _print_histogram(labels, parts, fed.task.classes)
+        return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log)
+
+
+def _initial(cfg: Config, fed: Federation) -> dict:
+    return {
+        "config": cfg.to_dict(),
+        "step": 0,
+        "client": fed.client_model.state_dict(),
+        "server": fed.server_model.state_dict(),
+    }
 
 
 def resume(folder: str | Path, log=print) -> RunResult:
     """Continue the run in ``folder`` from its last checkpoint to ``steps``; the steps redone
     are checked against the journal (the same (seeds, v̄), bit for bit), and the final weights
-    are those an uninterrupted run reaches."""
+    are those an uninterrupted run reaches. Everything is checked before anything is written:
+    a resume that fails leaves the folder as it was."""
     folder = Path(folder)
     if not (folder / "config.toml").is_file():
         raise checkpoint.CheckpointError(f"{folder} is not a run folder (no config.toml)")
+    with runfolder.locked(folder):
+        return _resume(folder, log)
+
+
+def _resume(folder: Path, log) -> RunResult:
     cfg = Config.load(folder / "config.toml", [f"out={folder}"])
-    last = folder / "checkpoint.pt"
-    state = checkpoint.load(last if last.is_file() else folder / "client_init.pt")
-    if Config.from_dict(state["config"]).to_dict() != Config.load(folder / "config.toml").to_dict():
-        raise checkpoint.CheckpointError(f"{last} belongs to another config than {folder}")
-    start = int(state["step"])
+    last, init = folder / "checkpoint.pt", folder / "client_init.pt"
+    fresh = not last.is_file() and not init.is_file()  # killed before its first checkpoint
+    state = None if fresh else checkpoint.load(last if last.is_file() else init)
+    if state is not None:
+        try:
+            saved = Config.from_dict(state["config"], source="checkpoint config").to_dict()
+        except ConfigError as e:
+            raise checkpoint.CheckpointError(f"{last}: {e}") from None
+        if saved != Config.load(folder / "config.toml").to_dict():
+            raise checkpoint.CheckpointError(f"{last} belongs to another config than {folder}")
+    start = 0 if state is None else state["step"]
     if start >= cfg.steps:
         raise checkpoint.CheckpointError(f"{folder} is complete ({start} of {cfg.steps} steps)")
     fed, test, _ = build(cfg)
-    if start == 0:  # client_init.pt: the weights only, the method's state is its initial one
-        fed.client_model.load_state_dict(state["client"])
-    else:
+    if state is not None and start == 0:  # client_init.pt: the weights, the initial state
+        _load(fed.client_model, state["client"], init)
+    elif state is not None:
         try:
             fed.server.load_state_dict(state)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise checkpoint.CheckpointError(
                 f"{last} does not fit {cfg.method}: {reason}"
@@ -209,27 +214,26 @@ def resume(folder: str | Path, log=print) -> RunResult:
                 f"{last}: the client replica is at step {fed.server.synced().step}, the "
                 f"checkpoint at step {start}"
             )
-    ledger = ByteLedger.from_dict(state.get("ledger", {}))
-    _truncate_metrics(folder / "metrics.jsonl", start)
+    journal = folder / "journal.sqlite"
+    if fed.server.seed_synced and start > 0:
+        if not journal.is_file():
+            raise checkpoint.CheckpointError(f"{journal} is missing: the run cannot be checked")
+        with contextlib.closing(Journal(journal, create=False)) as j:
+            j.verify(start, cfg.P)  # every row the checkpoint rests on
+    ledger = ByteLedger.from_dict(state.get("ledger", {}) if state else {})
+    if fresh:
+        checkpoint.save(init, _initial(cfg, fed))
     log(f"hosfl: resuming {folder} at step {start} of {cfg.steps}")
-    return _train(cfg, fed, test, folder, start, ledger, float(state.get("wall_s", 0.0)), log)
+    wall = float(state.get("wall_s", 0.0)) if state else 0.0
+    return _train(cfg, fed, test, folder, start, ledger, wall, log, resumed=True)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics rows of steps 1..``step`` (those the checkpoint includes)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by the crash: everything before it is whole
-        if row.get("step", 0) <= step:
-            keep.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+def _load(model: nn.Module, weights: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise checkpoint.CheckpointError(f"{path} does not fit its task: {reason}") from None
 
 
 def _make_engine(cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal):
@@ -264,6 +268,7 @@ def _train(
     ledger: ByteLedger,
     wall_before: float,
     log,
+    resumed: bool = False,
 ) -> RunResult:
     method = fed.server
     d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
@@ -277,7 +282,7 @@ def _train(
     )
     holds = tensor_bytes(method.client_holds)
     infer_peak = holds + inference_peak(method.client_holds, fed.clients[0].shard, cfg.batch_size)
-    journal = Journal(out / "journal.sqlite") if method.seed_synced else None
+    journal = Journal(out / "journal.sqlite") if method.seed_synced else None  # created at 0
     # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
     engine = _make_engine(cfg, fed, ledger, min(1, cfg.steps - 1), journal)
 
@@ -298,7 +303,7 @@ def _train(
             journal.append(update.step, update.seeds, update.values)
 
     engine.before_broadcast = commit
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    metrics = runfolder.open_metrics(out / "metrics.jsonl", start if resumed else None)
     started = time.perf_counter()
 
     def wall() -> float:
@@ -330,10 +335,14 @@ def _train(
             rejections.clear()
             if loss is not None and not math.isfinite(loss):
                 diverged = t + 1
+                cause = cause or f"the server's training loss is {loss}"
                 log(
-                    f"hosfl: training diverged at step {diverged} ({cause or f'loss {loss}'}); "
-                    "stopped, the last checkpoint is kept. Lower client_lr or server_lr."
+                    f"hosfl: training diverged at step {diverged}: {cause}; stopped, the last "
+                    "checkpoint is kept (learning rates, mu, or the clients' inputs are the "
+                    "usual causes)."
                 )
+                metrics.write(json.dumps({"event": "diverged", "step": diverged, "cause": cause}))
+                metrics.write("\n")
                 break
             row = {
                 "event": "train",
@@ -386,6 +395,7 @@ def _train(
         "client_inference_peak_bytes": infer_peak,
         "client_ms_per_step": engine.client_ms_per_step(cfg.sampled),
         "diverged_at": diverged,
+        "diverged_cause": cause or None,
         "clients_in_sync": engine.verified,
         "rejected": rejected,
     }
@@ -429,5 +439,7 @@ def evaluate_checkpoint(path: str | Path) -> tuple[float, float, int]:
     """(accuracy, loss, step) of a checkpoint on its task's test set."""
     state = checkpoint.load(path)
     cfg, client, server, task = load_models(state)
+    if state["step"] > cfg.steps:
+        raise checkpoint.CheckpointError(f"{path}: step {state['step']} of a {cfg.steps}-step run")
     acc, loss = evaluate(client, server, task, task.load("test", cfg.test_subset))
     return acc, loss, int(state["step"])

@@ -107,7 +107,12 @@ class RayEngine:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             # Ray runs workers at nice 15 by default; a client is on the step's critical path.
-            local = {} if cfg.ray_address else {"_system_config": {"worker_niceness": 0}}
+            # On one machine: bound to loopback, no dashboard.
+            local = (
+                {}
+                if cfg.ray_address
+                else {"_system_config": {"worker_niceness": 0}, "_node_ip_address": "127.0.0.1"}
+            )
             ray.init(
                 address=cfg.ray_address or None,
                 include_dashboard=False,
@@ -146,7 +151,7 @@ class RayEngine:
         return self.actors[cid].handle.remote(data)
 
     def _receive(self, data: bytes) -> Message:
-        msg = decode(data)
+        msg = decode(_bytes(data))
         self.ledger.record(UP, msg)
         return msg
 
@@ -174,7 +179,9 @@ class RayEngine:
         deadline = time.monotonic() + max(STARTUP, self.timeout)
         while True:
             try:
-                reply = decode(ray.get(self.actors[cid].state.remote(), timeout=self.timeout))
+                reply = decode(
+                    _bytes(ray.get(self.actors[cid].state.remote(), timeout=self.timeout))
+                )
                 break
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
@@ -328,6 +335,15 @@ class RayEngine:
     def client_ms_per_step(self, sampled: int) -> float:
         steps = self._step + 1 - (self.measure_step is not None)
         return 1000 * self._seconds / (steps * sampled) if steps > 0 else float("nan")
+
+
+def _bytes(data: object) -> bytes:
+    """A client's reply must be the bytes of one encoded message; anything else is refused
+    before any use. (Ray has already unpickled it by then: see docs/DISTRIBUTED.md on why the
+    Ray engine trusts every process of its cluster.)"""
+    if type(data) is not bytes:
+        raise ProtocolError(f"a client replied with a {type(data).__name__}, not message bytes")
+    return data
 
 
 def _reason(e: Exception) -> str:

@@ -162,7 +162,10 @@ class Method(ABC):
         return sample_clients(self.cfg, step)
 
     def admit(self, replies: dict[int, Message], step: int, kind: type) -> dict[int, Message]:
-        """The replies that ``why_not`` finds acceptable; the others are rejected (logged)."""
+        """The replies that ``why_not`` finds acceptable; the others are rejected (logged).
+        Every reply non-finite is the clients' computation diverging: ``Diverged``."""
+        if _blown_up(replies):
+            raise Diverged(f"every client's {kind.__name__} of step {step} is not finite")
         admitted = {}
         for cid in sorted(replies):
             why = self.why_not(cid, replies[cid], step, kind)
@@ -187,9 +190,50 @@ class Method(ABC):
         return None
 
 
+class Scale:
+    """What honest clients have been sending: the magnitudes (largest absolute value) of the
+    last ``window`` admitted uploads of one kind. An upload more than ``factor`` times their
+    median, taken together with the other uploads of its own step, is rejected: a client that
+    stays inside the type checks (finite, right shape) cannot push 1e30 into the average. The
+    median resists poisoning as long as honest uploads are the majority."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.window, self.seen = window, []
+
+    def screen(self, sizes: dict[int, float], factor: float) -> dict[int, str]:
+        """The clients whose upload is out of bounds, with the reason; the others are noted."""
+        pool = self.seen + list(sizes.values())
+        out = {}
+        if factor and len(pool) >= 3:
+            ref = float(np.median(pool))
+            out = {
+                c: f"magnitude {v:.3g} is more than {factor:g}× the median of recent uploads "
+                f"({ref:.3g})"
+                for c, v in sizes.items()
+                if v > factor * max(ref, 1e-30)
+            }
+        self.seen = (self.seen + [v for c, v in sizes.items() if c not in out])[-self.window :]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = [float(v) for v in state["seen"]]
+
+
+def _magnitude(msg: Message) -> float | None:
+    if isinstance(msg, SmashedData):
+        return float(msg.z.abs().max()) if msg.z.numel() else 0.0
+    if isinstance(msg, ProbeScalars):
+        return float(msg.values.abs().max()) if msg.values.numel() else 0.0
+    return None
+
+
 class SplitMethod(Method):
     """The server role of the split methods (HO-SFL's, reused by the baselines): sample,
-    draw seeds, check every upload, backprop the server part, average the scalars."""
+    draw seeds, check every upload (its type, step, shape, values, and its magnitude against
+    recent honest uploads), backprop the server part, average the scalars."""
 
     def __init__(
         self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task: Task
@@ -200,9 +244,25 @@ class SplitMethod(Method):
             cfg.server_optimizer, server_model.parameters(), cfg.server_lr, cfg.momentum
         )
         self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
+        self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
 
     def stateful(self) -> dict[str, Any]:
-        return {**super().stateful(), "server_optimizer": self.optimizer}
+        return {
+            **super().stateful(),
+            "server_optimizer": self.optimizer,
+            "smashed_scale": self.scales[SmashedData],
+            "scalar_scale": self.scales[ProbeScalars],
+        }
+
+    def admit(self, replies: dict[int, Message], step: int, kind: type) -> dict[int, Message]:
+        admitted = super().admit(replies, step, kind)
+        if kind not in self.scales:
+            return admitted
+        sizes = {c: _magnitude(m) for c, m in admitted.items()}
+        for cid, why in self.scales[kind].screen(sizes, self.cfg.outlier_factor).items():
+            self.reject(step, cid, f"{kind.__name__}: {why}")
+            del admitted[cid]
+        return admitted
 
     @torch.no_grad()
     def expect_cut(self, shard: Shard) -> None:
@@ -269,8 +329,9 @@ class SplitMethod(Method):
         return lams, total / len(smashed)
 
     def aggregate(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
-        """v̄ over the admitted clients (``cfg.aggregate``: mean, median, or the mean without
-        each probe's lowest and highest value), in float64, sent as float32. No admissible
+        """v̄ over the admitted clients (``cfg.aggregate``: mean, median, the mean without each
+        probe's lowest and highest value, or the mean after scaling each client's P scalars
+        down to the median client's norm), in float64, sent as float32. No admissible
         scalars: v̄ = 0, a step that moves no client."""
         scalars = self.admit(scalars, plan.step, ProbeScalars)
         if not scalars:
@@ -280,16 +341,25 @@ class SplitMethod(Method):
             vbar = v.quantile(0.5, dim=0)
         elif self.cfg.aggregate == "trimmed" and len(v) > 2:  # fewer admitted: the mean
             vbar = v.sort(0).values[1:-1].mean(0)
+        elif self.cfg.aggregate == "clipped":  # no client's vector longer than the median's
+            norms = v.norm(dim=1, keepdim=True)
+            cap = norms.median()
+            vbar = (v * torch.where(norms > cap, cap / norms, torch.ones_like(norms))).mean(0)
         else:
             vbar = v.mean(0)
         return ScalarBroadcast(plan.step, plan.seeds, vbar.float())
 
 
-def blown_up(replies: dict[int, Message]) -> bool:
-    """True if every reply is a model whose weights are not finite: the clients' own training
-    diverged (a divergence to report, not a few bad clients to drop)."""
+def _blown_up(replies: dict[int, Message]) -> bool:
+    """True if every reply carries a non-finite value: the clients' own computation diverged
+    (a divergence to report, not a few bad clients to drop)."""
     return bool(replies) and all(
-        isinstance(r, ModelWeights) and not bool(torch.isfinite(r.weights).all())
+        isinstance(r, Message)
+        and any(
+            t.is_floating_point() and not bool(torch.isfinite(t).all())
+            for t in (getattr(r, name) for name in r.SCHEMA)
+            if isinstance(t, torch.Tensor)
+        )
         for r in replies.values()
     )
 

@@ -70,6 +70,7 @@ class Replica:
         lr = zo_lr(cfg, sum(p.numel() for p in self.params), cfg.client_lr)
         self.optimizer = make_optimizer(cfg.client_optimizer, self.params, lr, cfg.momentum)
         self.step = 0  # the next step this replica needs
+        self.size = sum(p.numel() for p in self.params)
 
     def apply(self, msg: ScalarBroadcast) -> None:
         if msg.step < self.step:
@@ -95,6 +96,10 @@ class Replica:
         for i in range(self.step - msg.step, len(msg.seeds)):
             self.apply(ScalarBroadcast(msg.step + i, msg.seeds[i], msg.values[i]))
         return self.synced()
+
+    @torch.no_grad()
+    def norm(self) -> float:
+        return math.sqrt(sum(float(p.double().pow(2).sum()) for p in self.params))
 
     def synced(self) -> Synced:
         """Where this replica is: its next step and its digest."""
@@ -172,6 +177,9 @@ class Client(ReplicaClient):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
+ABSURD = 100.0  # an update moving θ_c by more than this many times |θ_c| is never committed
+
+
 class HOSFL(SplitMethod):
     """Algorithm 1: the server step above, clients that probe and never backpropagate."""
 
@@ -205,8 +213,27 @@ class HOSFL(SplitMethod):
         record is the clients' replica: the second application is a no-op)."""
         if not bool(torch.isfinite(update.values).all()):
             raise Diverged("the averaged probe scalars are not finite")
+        moved, norm = self.movement(update), self.replica.norm()
+        if not moved <= ABSURD * max(norm, 1.0):
+            raise Diverged(
+                f"the update of step {update.step} would move θ_c by about {moved:.3g} "
+                f"(|θ_c| = {norm:.3g}); it was not committed"
+            )
         engine.broadcast(update)
         self.replica.apply(update)
+
+    def movement(self, update: ScalarBroadcast) -> float:
+        """The expected size of the step's change to θ_c under SGD (with momentum, up to
+        1/(1-β) of it): lr·‖ĝ‖, E‖ĝ‖² = d·Σ_p v̄_p² / (Pμ)² for Gaussian or ±1 directions.
+        Adam moves each weight by about lr at most: its size is lr·√d."""
+        d, lr = self.replica.size, self.replica.optimizer.param_groups[0]["lr"]
+        if not isinstance(self.replica.optimizer, torch.optim.SGD):
+            return lr * math.sqrt(d)
+        v = update.values.double()
+        p = len(v)
+        return (
+            lr * math.sqrt(d * float((v * v).sum())) / (p * self.cfg.mu) / (1 - self.cfg.momentum)
+        )
 
     def step(self, t: int, engine) -> tuple[float | None, Message]:
         clients, plan = self.plan(t)

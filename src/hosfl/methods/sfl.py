@@ -27,7 +27,6 @@ from hosfl.methods.base import (
     Diverged,
     Shard,
     SplitMethod,
-    blown_up,
     load_flat_,
 )
 from hosfl.protocol import (
@@ -92,8 +91,6 @@ class SplitFedV1(SplitMethod):
 
     def average(self, t: int, local: dict[int, Message]) -> ModelWeights | None:
         """FedAvg of the admitted local models into the server's θ_c."""
-        if blown_up(local):
-            raise Diverged("every client's local model is not finite")
         local = self.admit(local, t, ModelWeights)
         if not local:
             return None

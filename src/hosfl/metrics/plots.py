@@ -14,14 +14,13 @@ from hosfl.checkpoint import CheckpointError
 
 def load_run(folder: str | Path) -> dict:
     """summary.json plus the evaluation rows of metrics.jsonl of one run folder."""
+    from hosfl.runfolder import read_metrics
+
     folder = Path(folder)
     try:
         summary = json.loads((folder / "summary.json").read_text())
-        evals = [
-            row
-            for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-            if row.get("event") == "eval"
-        ]
+        rows, _ = read_metrics(folder / "metrics.jsonl")  # damaged lines are skipped
+        evals = [row for row in rows if row.get("event") == "eval"]
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder} is not a finished run folder ({e})") from None
     return {"folder": folder, "summary": summary, "evals": evals}
