@@ -129,4 +129,8 @@ def test_median_aggregation_resists_an_outlier_the_mean_does_not(small_cfg):
     honest = torch.stack([scalars[m].values for m in sampled[:2]])
     assert torch.all(median.abs() <= honest.abs().max(0).values)
     fed.server.cfg.aggregate = "mean"
+    # 1e6 is far beyond 1000× the honest scalars: the bound on contributions drops it...
+    assert torch.all(fed.server.aggregate(plan, scalars).values.abs() < 10)
+    assert "median of recent uploads" in fed.server.rejections[-1]["reason"]
+    fed.server.cfg.outlier_factor = 0  # ...and without the bound the mean is dragged along
     assert torch.all(fed.server.aggregate(plan, scalars).values > 1e5)
