@@ -107,7 +107,8 @@ class RayEngine:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             # Ray runs workers at nice 15 by default; a client is on the step's critical path.
-            # On one machine: bound to loopback, no dashboard.
+            # On one machine: a loopback node address, no dashboard (Ray 2.60 still listens on
+            # every interface: docs/DISTRIBUTED.md).
             local = (
                 {}
                 if cfg.ray_address
