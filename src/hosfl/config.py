@@ -57,7 +57,9 @@ class Config:
     mu: float = _f(1e-3, "perturbation scale of the probes")
     directions: str = _f(
         "gaussian",
-        f"probe directions: {', '.join(DIRECTIONS)} (rademacher: the same bits on every device)",
+        "probe directions: gaussian (fast on a CPU; replicas agree bit for bit only on the same "
+        "kind of CPU) or rademacher (±1 from a counter hash; directions and updates give the "
+        "same bits on every IEEE-754 machine)",
     )
     client_optimizer: str = _f("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}")
     client_lr: float = _f(0.05, "client learning rate")

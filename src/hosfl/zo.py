@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -179,6 +180,105 @@ def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, base: float) -> float
     return project(lam, z_perturbed) - base
 
 
+EXACT_DIRECTIONS = ("rademacher",)  # directions whose bits, and updates, match on every machine
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32, as a Python float: a scalar that a float32 kernel
+    then reads exactly, whatever its own conversion of a double would be."""
+    return float(np.float32(x))
+
+
+class ExactOptimizer:
+    """The client optimizer of a zeroth-order replica (SGD, SGD with momentum, Adam), written
+    so that every IEEE-754 machine computes the same bits.
+
+    Each tensor operation below rounds once and none can be fused with another: every kernel
+    is a single add, multiply, divide or square root of float32 values (correctly rounded by
+    IEEE-754, vectorised or not, on a CPU or a GPU), every scalar is rounded to float32 on the
+    host first (so no kernel converts a double its own way), and an ``add`` only ever adds
+    (alpha 1: a fused multiply-add by 1 is exact). torch.optim's kernels do not promise this:
+    ``add_(x, alpha=-lr)``, ``addcmul_`` and ``lerp_`` are fused on some CPUs and not others.
+
+        sgd       θ ← θ − lr·g                   (lr folded into g: see apply_update_)
+        momentum  b ← β·b + g;  θ ← θ − lr·b      (b = g at the first step, as torch.optim)
+        adam      m ← β₁·m + (1−β₁)·g;  v ← β₂·v + (1−β₂)·g·g
+                  θ ← θ − (lr/(1−β₁ᵗ))·m / (√(v/(1−β₂ᵗ)) + ε)
+
+    ``param_groups[0]["lr"]`` is the learning rate (read by the runner and the update check);
+    ``state_dict()`` / ``load_state_dict()`` hold the step count and the buffers.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        kind: str,
+        lr: float,
+        momentum: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if kind not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {kind!r} (valid: sgd, adam)")
+        if not (lr >= 0 and math.isfinite(lr)) or not 0 <= momentum < 1:
+            raise ValueError(f"lr={lr!r}, momentum={momentum!r}: need lr >= 0, 0 <= momentum < 1")
+        self.params, self.kind = list(params), kind
+        self.param_groups = [{"lr": lr, "momentum": momentum, "betas": betas, "eps": eps}]
+        self.t = 0
+        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
+
+    @property
+    def folds_lr(self) -> bool:
+        """Plain SGD: the rate is folded into the update's coefficients."""
+        return self.kind == "sgd" and not self.param_groups[0]["momentum"]
+
+    def begin(self) -> None:
+        self.t += 1
+
+    @torch.no_grad()
+    def update_(self, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        """One step of parameter ``i`` (``p``) along its estimate ``g`` (float32, p's shape)."""
+        group = self.param_groups[0]
+        lr = group["lr"]
+        if self.folds_lr:
+            p.add_(g)  # g is already −lr·ĝ: one rounding
+            return
+        state = self.buffers.setdefault(i, {})
+        if self.kind == "sgd":
+            if "momentum" not in state:
+                state["momentum"] = g.clone()
+            else:
+                state["momentum"].mul_(_f32(group["momentum"])).add_(g)
+            p.sub_(state["momentum"] * _f32(lr))
+            return
+        b1, b2 = group["betas"]
+        if "m" not in state:
+            state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+        m, v = state["m"], state["v"]
+        m.mul_(_f32(b1)).add_(g * _f32(1 - b1))
+        v.mul_(_f32(b2)).add_((g * g).mul_(_f32(1 - b2)))
+        denom = (v / _f32(1 - b2**self.t)).sqrt_().add_(_f32(group["eps"]))
+        p.sub_((m * _f32(lr / (1 - b1**self.t))).div_(denom))
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "t": self.t,
+            "group": dict(self.param_groups[0]),
+            "buffers": {i: dict(b) for i, b in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"optimizer state of a {state.get('kind')!r}, not {self.kind!r}")
+        self.t = int(state["t"])
+        group = dict(state["group"])
+        group["betas"] = tuple(group["betas"])
+        self.param_groups = [group]
+        self.buffers = {int(i): {k: v.clone() for k, v in b.items()} for i, b in
+                        state["buffers"].items()}  # fmt: skip
+
+
 def _plain_sgd_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float] | None:
     """Learning rate per parameter when ``optimizer`` is stateless SGD, else None."""
     if type(optimizer) is not torch.optim.SGD:
@@ -196,16 +296,29 @@ def apply_update_(
     seeds: Sequence[int],
     scalars: Sequence[float],
     mu: float,
-    optimizer: torch.optim.Optimizer,
+    optimizer: ExactOptimizer | torch.optim.Optimizer,
     kind: str = "gaussian",
 ) -> None:
     """One optimizer step along ĝ = 1/(Pμ) Σ_p v̄_p u_p, built one parameter at a time.
 
-    With stateless SGD each parameter is updated as soon as its ĝ_i is built (θ_i −= lr·ĝ_i,
-    the same operation torch's SGD performs), so no d_c-sized gradient ever exists; other
-    optimizers receive ĝ as ``.grad`` and take their usual step."""
+    With an ``ExactOptimizer`` (a replica whose directions are exact, ``rademacher``) the same
+    bits on every IEEE-754 machine: the coefficients c_p = v̄_p/(Pμ), times −lr for plain SGD,
+    are computed in float64 on the host and rounded once to float32; Σ_p c_p·u_p is accumulated
+    in float64, where each product of a float32 c_p and u_p = ±1 is exact (so a fused
+    multiply-add gives what a multiply then an add gives) and each addition rounds once, in a
+    fixed order; the sum is rounded once to float32, and the optimizer's own operations each
+    round once (``ExactOptimizer``). The largest temporaries are one parameter's float64 sum and
+    its direction: no d_c-sized vector exists.
+
+    With a torch.optim optimizer (Gaussian directions, and ZO-SFL's server): stateless SGD
+    updates each parameter as soon as its ĝ_i is built (θ_i −= lr·ĝ_i); other optimizers get ĝ
+    as ``.grad``. Fast, and exact on one machine, but not across CPU kinds: torch fuses
+    ``add_(x, alpha)`` on some and not on others."""
     if len(seeds) != len(scalars) or not seeds:
         raise ValueError(f"need as many seeds as scalars, got {len(seeds)} and {len(scalars)}")
+    if isinstance(optimizer, ExactOptimizer):
+        _exact_update_(params, seeds, scalars, mu, optimizer, kind)
+        return
     coef = [float(v) / (len(seeds) * mu) for v in scalars]
     lrs = _plain_sgd_lrs(optimizer)
     with torch.no_grad():
@@ -222,11 +335,25 @@ def apply_update_(
             optimizer.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def _exact_update_(params, seeds, scalars, mu, optimizer: ExactOptimizer, kind: str) -> None:
+    scale = -optimizer.param_groups[0]["lr"] if optimizer.folds_lr else 1.0
+    coef = [_f32(scale * float(v) / (len(seeds) * mu)) for v in scalars]
+    optimizer.begin()
+    for i, p in enumerate(params):
+        acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+        for s, c in zip(seeds, coef, strict=True):
+            acc.add_(direction(s, i, p, kind).double(), alpha=c)
+        g = acc.to(p.dtype)
+        del acc
+        optimizer.update_(i, p, g)
+
+
 def replay_(
     params: Sequence[torch.Tensor],
     history: Iterable[tuple[Sequence[int], Sequence[float]]],
     mu: float,
-    optimizer: torch.optim.Optimizer,
+    optimizer: ExactOptimizer | torch.optim.Optimizer,
     kind: str = "gaussian",
 ) -> int:
     """Bring a client model forward through a (seeds, v̄) history; returns the steps applied."""

@@ -68,7 +68,10 @@ class Replica:
         self.params = zo.trainable(model)
         self.cfg = cfg
         lr = zo_lr(cfg, sum(p.numel() for p in self.params), cfg.client_lr)
-        self.optimizer = make_optimizer(cfg.client_optimizer, self.params, lr, cfg.momentum)
+        if cfg.directions in zo.EXACT_DIRECTIONS:  # the same bits on every machine
+            self.optimizer = zo.ExactOptimizer(self.params, cfg.client_optimizer, lr, cfg.momentum)
+        else:
+            self.optimizer = make_optimizer(cfg.client_optimizer, self.params, lr, cfg.momentum)
         self.step = 0  # the next step this replica needs
         self.size = sum(p.numel() for p in self.params)
 
@@ -227,7 +230,10 @@ class HOSFL(SplitMethod):
         1/(1-β) of it): lr·‖ĝ‖, E‖ĝ‖² = d·Σ_p v̄_p² / (Pμ)² for Gaussian or ±1 directions.
         Adam moves each weight by about lr at most: its size is lr·√d."""
         d, lr = self.replica.size, self.replica.optimizer.param_groups[0]["lr"]
-        if not isinstance(self.replica.optimizer, torch.optim.SGD):
+        opt = self.replica.optimizer
+        if not isinstance(opt, torch.optim.SGD | zo.ExactOptimizer) or (
+            isinstance(opt, zo.ExactOptimizer) and opt.kind != "sgd"
+        ):
             return lr * math.sqrt(d)
         v = update.values.double()
         p = len(v)
