@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 
 from hosfl.config import Config
@@ -33,3 +35,22 @@ def small_cfg(tmp_path):
         return Config(**values).validate()
 
     return make
+
+
+@contextmanager
+def killed_at(cls, step: int):
+    """Within the block, a run of method class ``cls`` dies (KeyboardInterrupt, as from a kill)
+    when it reaches ``step``: the block must start such a run; the method is restored after."""
+    original = cls.step
+
+    def crash(self, t, engine):
+        if t == step:
+            raise KeyboardInterrupt
+        return original(self, t, engine)
+
+    cls.step = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        cls.step = original

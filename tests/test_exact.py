@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import killed_at
 
 from hosfl import zo
+from hosfl.methods.hosfl import HOSFL
 from hosfl.replay import replay_run
 from hosfl.runner import resume, run
 
@@ -69,21 +71,8 @@ def test_exact_updates_replay_and_resume_bit_for_bit(small_cfg, tmp_path, optimi
                client_lr=lr, steps=20, snapshot_every=5, eval_every=0)  # fmt: skip
     whole = run(small_cfg(**cfg, out=str(tmp_path / "whole")), log=lambda *a: None)
     assert replay_run(whole.out).identical
-    from hosfl.methods import hosfl as hosfl_method
-
-    step = hosfl_method.HOSFL.step
-
-    def crash(self, t, engine):
-        if t == 13:
-            raise KeyboardInterrupt
-        return step(self, t, engine)
-
-    hosfl_method.HOSFL.step = crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(small_cfg(**cfg, out=str(tmp_path / "killed")), log=lambda *a: None)
-    finally:
-        hosfl_method.HOSFL.step = step
+    with killed_at(HOSFL, 13):
+        run(small_cfg(**cfg, out=str(tmp_path / "killed")), log=lambda *a: None)
     resumed = resume(tmp_path / "killed", log=lambda *a: None)
     for a, b in ((whole.client_model, resumed.client_model),
                  (whole.server_model, resumed.server_model)):  # fmt: skip

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import killed_at
 
 from hosfl import checkpoint, runfolder
 from hosfl.methods import hosfl as hosfl_method
@@ -48,19 +49,8 @@ def finished(tmp_path_factory):
         progress=False,
         out=str(folder),
     ).validate()
-    step = hosfl_method.HOSFL.step
-
-    def crash(self, t, engine):
-        if t == 26:
-            raise KeyboardInterrupt
-        return step(self, t, engine)
-
-    hosfl_method.HOSFL.step = crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg, **QUIET)
-    finally:
-        hosfl_method.HOSFL.step = step
+    with killed_at(hosfl_method.HOSFL, 26):
+        run(cfg, **QUIET)
     return folder
 
 

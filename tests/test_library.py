@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import killed_at
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -93,26 +94,16 @@ def test_a_user_model_dataset_loss_and_metric_train_with_hosfl_and_baselines(tmp
 
 
 def test_a_cut_that_a_skip_connection_crosses_is_refused_with_its_reason():
+    data = (torch.ones(2, 7), torch.ones(2))
+
+    def cut(at):
+        return hosfl.ModelTask(Regressor(), cut=at, train=data, test=data)
+
     with pytest.raises(ValueError, match="also reads"):
-        hosfl.ModelTask(
-            Regressor(),
-            cut="mix",
-            train=(torch.ones(2, 7), torch.ones(2)),
-            test=(torch.ones(2, 7), torch.ones(2)),
-        )
+        cut("mix")
     with pytest.raises(ValueError, match="not a module"):
-        hosfl.ModelTask(
-            Regressor(),
-            cut="nope",
-            train=(torch.ones(2, 7), torch.ones(2)),
-            test=(torch.ones(2, 7), torch.ones(2)),
-        )
-    client, server = hosfl.ModelTask(
-        Regressor(),
-        cut="embed",
-        train=(torch.ones(2, 7), torch.ones(2)),
-        test=(torch.ones(2, 7), torch.ones(2)),
-    ).split_model("embed", 0)
+        cut("nope")
+    client, server = cut("embed").split_model("embed", 0)
     whole = Regressor()
     x = torch.randn(5, 7)
     client.load_state_dict(whole.state_dict(), strict=False)
@@ -162,23 +153,12 @@ def _same_state(a, b):
 
 
 @pytest.mark.parametrize("method", list(hosfl.methods.METHODS))
-def test_every_method_killed_after_a_checkpoint_and_resumed_ends_bit_identical(
-    method, tmp_path, monkeypatch
-):
+def test_every_method_killed_after_a_checkpoint_and_resumed_ends_bit_identical(method, tmp_path):
     hosfl.register_task(digits_bn())
     whole = _run(method=method, out=str(tmp_path / "whole"), **SMALL)
-    cls = hosfl.methods.METHODS[method]
-    step = cls.step
-
-    def crash(self, t, engine):
-        if t == 12:  # the checkpoint of step 10 is on disk, steps 11 and 12 are not
-            raise KeyboardInterrupt
-        return step(self, t, engine)
-
-    monkeypatch.setattr(cls, "step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    # the checkpoint of step 10 is on disk, steps 11 and 12 are not
+    with killed_at(hosfl.methods.METHODS[method], 12):
         _run(method=method, out=str(tmp_path / "killed"), **SMALL)
-    monkeypatch.setattr(cls, "step", step)
     resumed = hosfl.resume(tmp_path / "killed", log=lambda *a: None)
     assert _same_state(whole, resumed)
     assert resumed.summary["bytes"] == whole.summary["bytes"]
