@@ -80,3 +80,33 @@ def test_exact_updates_replay_and_resume_bit_for_bit(small_cfg, tmp_path, optimi
             torch.equal(x, y)
             for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
         )
+
+
+@pytest.mark.parametrize(
+    ("directions", "optimizer", "momentum"),
+    [("gaussian", "sgd", 0.0), ("gaussian", "sgd", 0.9), ("gaussian", "adam", 0.0),
+     ("rademacher", "sgd", 0.9), ("rademacher", "adam", 0.0)],
+)  # fmt: skip
+def test_a_replica_restored_from_the_record_continues_exactly_as_the_record(
+    small_cfg, directions, optimizer, momentum
+):
+    from hosfl.methods.hosfl import Replica
+    from hosfl.protocol import ScalarBroadcast, decode, encode
+    from hosfl.runner import build
+
+    cfg = small_cfg(directions=directions, client_optimizer=optimizer, momentum=momentum,
+                    client_lr=1e-3)  # fmt: skip
+    record = build(cfg)[0].server.replica
+    drifted = Replica(build(cfg)[0].client_model, cfg)
+    values = torch.tensor([1e-3, -2e-3, 5e-4])
+    seeds = torch.arange(3, dtype=torch.int32)
+    updates = [ScalarBroadcast(t, seeds + 7 * t, values * (t + 1)) for t in range(6)]
+    for u in updates[:3]:
+        record.apply(u)
+    drifted.params[0].data[0, 0, 0, 0] += 1.0  # a replica that has gone its own way
+    synced = drifted.restore(decode(encode(record.export())))  # as it crosses the wire
+    assert synced == record.synced()
+    for u in updates[3:]:
+        record.apply(u)
+        drifted.apply(u)
+    assert drifted.synced() == record.synced()

@@ -1,6 +1,7 @@
 """Clients as real processes (Ray actors in local mode): the same weights as in-process, catch-up
 by replay, a client killed mid-step, and the server's record checked against every replica."""
 
+import json
 import os
 import signal
 import struct
@@ -153,3 +154,51 @@ def test_every_method_gives_the_same_weights_in_process_and_as_ray_processes(
         return {k: n for k, n in result.ledger.as_dict()["up"].items() if k != "framing"}
 
     assert payload(remote) == payload(local)
+
+
+@pytest.mark.parametrize(("directions", "drifts"), [("rademacher", False), ("gaussian", True)])
+def test_a_client_on_another_kind_of_cpu_stays_in_sync_or_is_resynced(
+    directions, drifts, small_cfg, tmp_path, monkeypatch
+):
+    """Client 0 runs under ATEN_CPU_CAPABILITY=default (scalar kernels), the others under this
+    CPU's best. torch's initialisers give client 0 other initial weights from the same seed:
+    it starts from the record's (a resync at step 0). Then exact updates keep every digest
+    equal at every check, while Gaussian directions drift and are resynced from the record,
+    logged and counted; either way the run ends with every replica equal to the record."""
+    monkeypatch.setattr(RayEngine, "actor_env", {0: {"ATEN_CPU_CAPABILITY": "default"}})
+    cfg = dict(clients=3, sampled=3, steps=8, eval_every=0, check_every=2, directions=directions)
+    remote = run(small_cfg(**cfg, engine="ray", out=str(tmp_path / "ray")), log=lambda *a: None)
+    rows = [json.loads(x) for x in (remote.out / "metrics.jsonl").read_text().splitlines()]
+    resyncs = [r for r in rows if r["event"] == "resync"]
+    assert remote.summary["clients_in_sync"] == 3
+    assert {r["client"] for r in resyncs} == {0}, resyncs
+    assert resyncs[0]["step"] == 0 and "initial weights" in resyncs[0]["reason"]
+    later = [r for r in resyncs if r["step"] > 0]
+    assert bool(later) == drifts, resyncs
+    assert remote.ledger.by_message["down"]["ReplicaState"] > 0
+
+
+def test_a_replica_corrupted_mid_run_is_detected_resynced_and_counted(small_cfg, tmp_path):
+    from hosfl.protocol import ReplicaState
+
+    cfg = small_cfg(clients=3, sampled=3, steps=6, check_every=2, engine="ray",
+                    out=str(tmp_path / "r"))  # fmt: skip
+    fed, _, _ = build(cfg)
+    journal = Journal(tmp_path / "journal.sqlite")
+    engine = RayEngine(cfg, fed.server, ByteLedger(), None, journal)
+    engine.before_broadcast = lambda m: journal.append(m.step, m.seeds, m.values)
+    try:
+        for t in range(cfg.steps):
+            fed.server.step(t, engine)
+            if t == 2:  # one bit of client 1's θ_c flipped, through the wire
+                good = fed.server.replica.export()
+                bits = good.weights.clone().view(torch.int32)
+                bits[5] ^= 1 << 20
+                ray.get(engine.actors[1].handle.remote(encode(ReplicaState(
+                    good.step, bits.view(torch.float32), good.state))))  # fmt: skip
+    finally:
+        engine.close()
+    (event,) = [e for e in engine.events if e["client"] == 1]
+    assert event["step"] == 4 and "drifted" in event["reason"]  # the next check, at step 4
+    assert engine.ledger.by_message["down"]["ReplicaState"] > 0
+    assert engine.verified == 3  # every replica equals the record at the end

@@ -102,6 +102,11 @@ class Config:
     client_threads: int = _f(
         1, "engine=ray: torch threads per client process (0: as many as the server process)"
     )
+    check_every: int = _f(
+        100,
+        "engine=ray: check every client's replica digest every N steps (0: only at catch-up "
+        "and the end); one that differs from the server's record is resynced from it",
+    )
     aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
     outlier_factor: float = _f(
         1000.0,
@@ -168,7 +173,7 @@ class Config:
                 f"trimmed drops two values a probe: needs sampled >= 3, not {self.sampled}",
             )
         keys = ("seq_len", "train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
-        for key in (*keys, "client_retries", "client_threads"):
+        for key in (*keys, "client_retries", "client_threads", "check_every"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
         if self.seed >= 2**32:

@@ -249,3 +249,18 @@ class Synced(Message, type_id=9):
     step: int
     digest: int
     SCHEMA: ClassVar = {}
+
+
+@dataclass(frozen=True)
+class ReplicaState(Message, type_id=10):
+    """Server -> a client whose replica drifted from the server's record: θ_c and the client
+    optimizer's state at ``step``, from the record (the only message that carries the weights
+    of a seed-synced method; it is sent only on a digest mismatch, and counted)."""
+
+    step: int
+    weights: torch.Tensor
+    state: torch.Tensor
+    SCHEMA: ClassVar = {
+        "weights": Tensor("weights", F32, 1),
+        "state": Tensor("optimizer", F32, 1),
+    }

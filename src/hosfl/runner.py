@@ -333,6 +333,10 @@ def _train(
                 metrics.write(json.dumps({"event": "reject", **row}) + "\n")
                 log(f"hosfl: step {row['step']}: dropped client {row['client']}: {row['reason']}")
             rejections.clear()
+            for row in engine.events:
+                metrics.write(json.dumps(row) + "\n")
+                log(f"hosfl: step {row['step']}: client {row['client']}: {row['reason']}")
+            engine.events.clear()
             if loss is not None and not math.isfinite(loss):
                 diverged = t + 1
                 cause = cause or f"the server's training loss is {loss}"
@@ -375,6 +379,9 @@ def _train(
                 shown = {} if loss is None else {"loss": f"{loss:.3f}"}
                 bar.set_postfix(**shown, acc=f"{acc:.4f}", refresh=False)
         engine.close()
+        for row in engine.events:  # the final check of every replica
+            metrics.write(json.dumps(row) + "\n")
+            log(f"hosfl: end: client {row['client']}: {row['reason']}")
     finally:
         metrics.close()
         if journal is not None:

@@ -18,6 +18,7 @@ class Engine(Protocol):
     before_broadcast: Callable[[Message], None]  # runs before a broadcast leaves the server
     client_peak_bytes: int  # peak tensor bytes of one client's work at the metered step
     verified: int | None  # clients checked in step with the server's record (None: no record)
+    events: list[dict]  # what the engine did that the run's metrics should show (resyncs)
 
     def ask(self, requests: Mapping[int, Message]) -> dict[int, Message]:
         """Send client ``cid`` its request, for each; the replies of those that answered."""

@@ -27,6 +27,7 @@ class LocalEngine:
         self.measure_step = measure_step
         self.meters: dict[int, LiveTensorMeter] = {}  # client id (-1: broadcast) -> meter
         self.before_broadcast: Callable[[Message], None] = lambda msg: None  # e.g. journal it
+        self.events: list[dict] = []  # in-process every client shares the record: no drift
 
     @property
     def client_peak_bytes(self) -> int:

@@ -40,6 +40,7 @@ from hosfl.protocol import (
     CatchUp,
     Message,
     ProtocolError,
+    ReplicaState,
     ScalarBroadcast,
     StepPlan,
     Synced,
@@ -67,6 +68,8 @@ class ClientProcess:
         msg = decode(data)
         if isinstance(msg, CatchUp):
             return encode(self.role.catch_up(msg))
+        if isinstance(msg, ReplicaState):
+            return encode(self.role.restore(msg))
         start = time.perf_counter()
         if msg.step == self.measure_step and not isinstance(msg, ScalarBroadcast):
             with self.meter:
@@ -91,6 +94,10 @@ STARTUP = 300.0  # seconds a client process may take to start (import torch, loa
 
 
 class RayEngine:
+    # Environment variables of chosen client processes, by client id (the tests run one client
+    # under another ATEN_CPU_CAPABILITY: another kind of CPU, on one machine).
+    actor_env: dict[int, dict[str, str]] = {}
+
     def __init__(
         self,
         cfg: Config,
@@ -131,10 +138,11 @@ class RayEngine:
             # (``ray start --resources='{"hosfl_client_3": 1}'``); on one machine, anywhere.
             res = {f"hosfl_client_{cid}": 1} if cfg.ray_address else {}
             opts = dict(num_cpus=0, max_restarts=-1, resources=res)
+            if cid in self.actor_env:
+                opts["runtime_env"] = {"env_vars": self.actor_env[cid]}
             self.actors.append(actor.options(**opts).remote(cfg.to_dict(), cid, threads))
         self.synced: dict[int, int | None] = dict.fromkeys(range(cfg.clients), None)
-        for cid in range(cfg.clients):  # wait until every client process is up
-            self._state(cid)
+        started = {cid: self._state(cid) for cid in range(cfg.clients)}  # every process is up
         self._pids = ray.get([a.pid.remote() for a in self.actors])
         self._plans: dict[int, StepPlan] = {}  # each client's StepPlan of the current step
         self._told: dict[int, list[Message]] = {}  # what each was told at the current step
@@ -142,6 +150,15 @@ class RayEngine:
         self.measure_step = measure_step
         # clients whose θ_c was checked equal to the record at the end (None: no record)
         self.verified: int | None = 0 if self.seed_synced else None
+        self.check_every = cfg.check_every
+        self._due: set[int] = set()  # clients whose digest is to be checked before the next step
+        self.events: list[dict] = []  # resyncs, for metrics.jsonl
+        if self.seed_synced and method.synced().step == 0:
+            # A client on another kind of CPU can build other initial weights from the same
+            # seed (torch's initialisers fuse differently): it starts from the record's.
+            for cid, state in started.items():
+                if state.digest != self._record_digest():
+                    self._resync(cid, 0, "initial weights built on another kind of CPU")
         self.client_peak_bytes = 0  # filled in by close()
         self._seconds = float("nan")
 
@@ -231,7 +248,10 @@ class RayEngine:
                 if not isinstance(synced, Synced) or synced.step != step:
                     raise ProtocolError(f"catch-up to step {step} answered {synced}")
                 if synced.digest != self._record_digest():
-                    raise ProtocolError("replica differs from the server's record after catch-up")
+                    # what it answered after the catch-up came from a drifted replica: take
+                    # the record, and let the caller ask again
+                    self._resync(cid, step, "after catch-up")
+                    return False, None
         except ProtocolError as e:
             self._fail(cid, step, str(e))
             return False, None
@@ -248,6 +268,9 @@ class RayEngine:
         """Each client's reply to its request. A client that fails is restarted, re-synced and
         asked again (``retries`` times; a restarted client needs its StepPlan again before a
         λ); one that still fails is left out of the step (logged)."""
+        for cid in sorted(self._due):
+            self._check(cid)
+        self._due.clear()
         for cid, msg in requests.items():
             self._at(cid, msg.step)
             if isinstance(msg, StepPlan):
@@ -307,6 +330,36 @@ class RayEngine:
             elif self.synced[cid] == msg.step:
                 self._send(cid, msg)
                 self.synced[cid] = msg.step + 1
+                if self.check_every and (msg.step + 1) % self.check_every == 0:
+                    self._due.add(cid)
+
+    # --- drift: a replica that differs from the record is resynced from it -----------------
+    def _check(self, cid: int) -> None:
+        """Compare client ``cid``'s digest with the record's (at the same step)."""
+        try:
+            state = self._state(cid)
+            record = self.method.synced()
+            if state.step == record.step and state.digest != record.digest:
+                self._resync(cid, record.step, f"digest {state.digest:x} against {record.digest:x}")
+        except (ray.exceptions.RayError, ProtocolError) as e:
+            self._fail(cid, self.method.synced().step, _reason(e))
+
+    def _resync(self, cid: int, step: int, why: str) -> None:
+        """Send client ``cid`` the record's θ_c and optimizer state; log it; check it took."""
+        reply = self._receive(
+            ray.get(self._send(cid, self.method.replica.export()), timeout=self.timeout)
+        )
+        if not isinstance(reply, Synced) or reply.digest != self._record_digest():
+            raise ProtocolError(f"client {cid} did not take the server's record at step {step}")
+        self.synced[cid] = step
+        self.events.append(
+            {
+                "event": "resync",
+                "step": step,
+                "client": cid,
+                "reason": f"replica drifted ({why}); resynced from the record",
+            }
+        )
 
     # --- end of run and figures -----------------------------------------------------------
     def close(self) -> None:
@@ -319,6 +372,9 @@ class RayEngine:
                     if refs is not None and self._finish(cid, refs, 0, target)[0]:
                         break
                 state = self._state(cid)
+                if state.step == target and state.digest != self._record_digest():
+                    self._resync(cid, target, f"digest {state.digest:x} at the end")
+                    state = self._state(cid)
                 if state.step != target or state.digest != self._record_digest():
                     raise ProtocolError(
                         f"client {cid} could not be brought to the server's θ_c of step {target}"

@@ -38,6 +38,7 @@ from hosfl.protocol import (
     ModelWeights,
     ProbeScalars,
     ProtocolError,
+    ReplicaState,
     ScalarBroadcast,
     SmashedData,
     StepPlan,
@@ -111,6 +112,10 @@ class ClientRole(ABC):
     def catch_up(self, msg: CatchUp) -> Synced:
         """Replay the (seeds, v̄) rows this client missed; only seed-synced clients can."""
         raise ProtocolError(f"client {self.shard.cid} keeps no replica to catch up")
+
+    def restore(self, msg: ReplicaState) -> Synced:
+        """Take the server's record of a drifted replica; only seed-synced clients can."""
+        raise ProtocolError(f"client {self.shard.cid} keeps no replica to restore")
 
 
 class Method(ABC):

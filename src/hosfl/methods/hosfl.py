@@ -34,6 +34,7 @@ from hosfl.protocol import (
     Message,
     ProbeScalars,
     ProtocolError,
+    ReplicaState,
     ScalarBroadcast,
     SmashedData,
     StepPlan,
@@ -108,6 +109,76 @@ class Replica:
         """Where this replica is: its next step and its digest."""
         return Synced(self.step, digest(self.params))
 
+    def _buffers(self) -> list[tuple[int, str]]:
+        """(parameter index, buffer name) of every optimizer buffer shaped like a parameter,
+        in a fixed order; a buffer not yet created stands for zeros, which is how each of these
+        optimizers starts."""
+        opt = self.optimizer
+        if isinstance(opt, zo.ExactOptimizer):
+            names = {"sgd": ["momentum"] if opt.param_groups[0]["momentum"] else [],
+                     "adam": ["m", "v"]}[opt.kind]  # fmt: skip
+        elif isinstance(opt, torch.optim.Adam):
+            names = ["exp_avg", "exp_avg_sq"]
+        else:
+            names = ["momentum_buffer"] if opt.param_groups[0]["momentum"] else []
+        return [(i, n) for i in range(len(self.params)) for n in names]
+
+    def _buffer(self, i: int, name: str) -> torch.Tensor | None:
+        opt = self.optimizer
+        if isinstance(opt, zo.ExactOptimizer):
+            return opt.buffers.get(i, {}).get(name)
+        return opt.state.get(self.params[i], {}).get(name)
+
+    def _steps(self) -> int:
+        """The optimizer's own step count (Adam's bias correction needs it)."""
+        opt = self.optimizer
+        if isinstance(opt, zo.ExactOptimizer):
+            return opt.t
+        state = opt.state.get(self.params[0], {})
+        return int(state["step"]) if "step" in state else 0
+
+    @torch.no_grad()
+    def export(self) -> ReplicaState:
+        """θ_c and the optimizer's state, flat: what a drifted client is sent."""
+        weights = torch.cat([p.detach().reshape(-1) for p in self.params])
+        buffers = [torch.tensor([float(self._steps())])]
+        for i, name in self._buffers():
+            b = self._buffer(i, name)
+            buffers.append((b if b is not None else torch.zeros_like(self.params[i])).reshape(-1))
+        return ReplicaState(self.step, weights.float(), torch.cat(buffers).float())
+
+    @torch.no_grad()
+    def restore(self, msg: ReplicaState) -> Synced:
+        """Take the server's record: θ_c and the optimizer state of step ``msg.step``."""
+        sizes = [p.numel() for p in self.params]
+        want = 1 + sum(sizes[i] for i, _ in self._buffers())
+        if msg.weights.shape != (sum(sizes),) or msg.state.shape != (want,):
+            raise ProtocolError(
+                f"replica state of {msg.weights.numel()} weights and {msg.state.numel()} "
+                f"optimizer values, expected {sum(sizes)} and {want}"
+            )
+        at = 0
+        for p in self.params:
+            p.copy_(msg.weights[at : at + p.numel()].view_as(p))
+            at += p.numel()
+        steps, at = int(msg.state[0]), 1
+        opt = self.optimizer
+        for i, name in self._buffers():
+            p = self.params[i]
+            value = msg.state[at : at + p.numel()].view_as(p).clone()
+            at += p.numel()
+            if isinstance(opt, zo.ExactOptimizer):
+                opt.buffers.setdefault(i, {})[name] = value
+            else:
+                opt.state[p][name] = value
+        if isinstance(opt, zo.ExactOptimizer):
+            opt.t = steps
+        elif isinstance(opt, torch.optim.Adam):
+            for p in self.params:
+                opt.state[p]["step"] = torch.tensor(float(steps))
+        self.step = msg.step
+        return self.synced()
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "optimizer": self.optimizer.state_dict()}
 
@@ -132,6 +203,9 @@ class ReplicaClient(ClientRole):
 
     def catch_up(self, msg: CatchUp) -> Synced:
         return self.replica.catch_up(msg)
+
+    def restore(self, msg: ReplicaState) -> Synced:
+        return self.replica.restore(msg)
 
 
 class Client(ReplicaClient):
