@@ -267,7 +267,12 @@ class HOSFL(SplitMethod):
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)
         # the server's record of θ_c; in-process every client role shares it
-        self.replica = Replica(client_model, cfg)
+        self.replica = Replica(self.replicated(), cfg)
+        self.client_holds = self.replica.model
+
+    def replicated(self) -> nn.Module:
+        """The model every client holds and moves by (seeds, v̄): the client part."""
+        return self.client_model
 
     @property
     def client_lr(self) -> float:

@@ -47,11 +47,8 @@ class ZOFL(HOSFL):
 
     name = "zo-fl"
 
-    def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
-        whole = nn.Sequential(client_model, server_model)
-        super().__init__(cfg, client_model, server_model, task)
-        self.replica = Replica(whole, cfg)
-        self.client_holds = whole
+    def replicated(self) -> nn.Module:
+        return nn.Sequential(self.client_model, self.server_model)
 
     def client(self, shard: Shard) -> ClientRole:
         return Client(shard, self.replica, self.cfg, self.task)
