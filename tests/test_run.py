@@ -91,7 +91,7 @@ def test_ledger_equals_the_bytes_of_the_serialized_messages(small_cfg, monkeypat
         engines.append(WireEngine(clients, ledger))
         return engines[-1]
 
-    monkeypatch.setattr("hosfl.runner.LocalEngine", lambda c, ledger, measure_step: wire(c, ledger))
+    monkeypatch.setattr("hosfl.runner.LocalEngine", lambda c, ledger, *_, **__: wire(c, ledger))
     through_bytes = run(small_cfg(method=method, steps=4), log=lambda *a: None)
     assert through_bytes.ledger.total() == engines[0].sent > 0
     monkeypatch.undo()

@@ -11,7 +11,10 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -29,6 +32,7 @@ DIRECTIONS = ("gaussian", "rademacher")
 AGGREGATES = ("mean", "median", "trimmed", "clipped")
 LORA = ("none", "client", "server", "both")
 LR_RULES = ("fixed", "dimension")
+SIMULATE = ("auto", "batched", "per-client")
 
 
 def method_names() -> tuple[str, ...]:
@@ -66,6 +70,9 @@ class Config:
     client_dtype: str = _f(
         "float32", "hosfl client forwards: float32 or bfloat16 (autocast, stochastic rounding)"
     )
+    server_dtype: str = _f(
+        "float32", "split methods' server forwards: float32 or bfloat16 (autocast; λ float32)"
+    )
     zo_lr_rule: str = _f(
         "fixed",
         "zeroth-order client lr: fixed (client_lr) or dimension (zo_lr_scale·P/d_c, <= client_lr)",
@@ -96,6 +103,19 @@ class Config:
     progress: bool = _f(True, "show a progress bar")
     snapshot_every: int = _f(100, "write checkpoint.pt every N steps (and at each evaluation)")
     engine: str = _f("local", f"where clients run: {', '.join(ENGINES)}")
+    device: str = _f("auto", "where tensors live: auto (cuda when present), cpu, cuda, cuda:N")
+    client_device: str = _f("", "the client part's device (empty: device)")
+    server_device: str = _f("", "the server part's device (empty: device)")
+    simulate: str = _f(
+        "auto",
+        "in-process clients: batched (the K sampled clients' forwards as one batch), "
+        "per-client (one call each: the reference), auto (batched on cuda, per-client on cpu)",
+    )
+    client_gpus: float = _f(
+        0.0,
+        "engine=ray, client_device=cuda: GPUs per client process (a fraction shares a card; "
+        "0: the cluster's GPUs divided among the clients)",
+    )
     ray_address: str = _f("", "engine=ray: cluster address (empty: start Ray on this machine)")
     client_timeout: float = _f(60.0, "engine=ray: seconds to wait for a client's reply")
     client_retries: int = _f(1, "engine=ray: times a failed client is restarted and asked again")
@@ -163,6 +183,14 @@ class Config:
             raise bad("outlier_factor", "must be 0 (off) or >= 2")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "must be in [0, 1)")
+        if not (0 <= self.client_gpus < float("inf")):
+            raise bad("client_gpus", "must be a finite number >= 0")
+        for key in ("device", "client_device", "server_device"):
+            value = getattr(self, key)
+            if value and value != "auto" and value.split(":")[0] not in ("cpu", "cuda"):
+                raise bad(key, "must be auto, cpu, cuda or cuda:N")
+        if self.simulate == "batched" and self.engine != "local":
+            raise bad("simulate", "batched simulation is for engine=local (in-process)")
         if not (self.client_timeout > 0 and self.client_timeout < float("inf")):
             raise bad("client_timeout", "must be a finite number > 0")
         if self.client_dtype == "bfloat16" and self.method != "hosfl":
@@ -189,6 +217,8 @@ class Config:
             "lora": LORA,
             "zo_lr_rule": LR_RULES,
             "client_dtype": ("float32", "bfloat16"),
+            "simulate": SIMULATE,
+            "server_dtype": ("float32", "bfloat16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -229,6 +259,23 @@ class Config:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             values[key.strip()] = value.strip()
         return cls.from_dict(values, source=str(path) if path else "overrides").validate()
+
+    def device_of(self, part: str) -> torch.device:
+        """The device of the ``client`` or ``server`` part on this machine; ConfigError if it
+        is not here."""
+        from hosfl import devices
+
+        name = {"client": self.client_device, "server": self.server_device}[part] or self.device
+        try:
+            return devices.resolve(name)
+        except ValueError as e:
+            raise ConfigError(f"{part} device: {e}") from None
+
+    def batched(self) -> bool:
+        """Whether in-process clients are simulated as one batch."""
+        if self.engine != "local" or self.simulate == "per-client":
+            return False
+        return self.simulate == "batched" or self.device_of("client").type == "cuda"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

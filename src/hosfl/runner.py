@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hosfl import checkpoint, methods, runfolder, tasks
+from hosfl import checkpoint, devices, methods, runfolder, tasks
 from hosfl.config import Config, ConfigError
 from hosfl.data import source
 from hosfl.data.partition import histogram
@@ -34,7 +34,7 @@ from hosfl.engines.local import LocalEngine
 from hosfl.journal import Journal
 from hosfl.methods.base import ClientRole, Diverged, Method, Shard
 from hosfl.metrics.ledger import ByteLedger
-from hosfl.metrics.memory import LiveTensorMeter, tensor_bytes
+from hosfl.metrics.memory import meter, tensor_bytes
 from hosfl.protocol import Message, ProtocolError
 from hosfl.tasks.base import Task
 
@@ -77,8 +77,10 @@ def evaluate(
     was = client.training, server.training
     client.eval(), server.eval()
     metric, loss, n = 0.0, 0.0, 0
+    cdev, sdev = devices.of(client), devices.of(server)
     for x, y in source.batches(data, batch):
-        out = server(client(x))
+        out = server(devices.to(client(devices.to(x, cdev)), sdev))
+        y = devices.to(y, sdev)
         metric += task.metric(out, y) * len(y)
         loss += float(task.loss(out, y)) * len(y)
         n += len(y)
@@ -93,6 +95,12 @@ def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
         task, client_model, server_model = tasks.prepare(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # in-process the clients' part lives on the client device; under Ray the driver's copy is
+    # the server's record of θ_c, beside the server part
+    server_device = cfg.device_of("server")
+    client_device = cfg.device_of("client") if cfg.engine == "local" else server_device
+    client_model.to(client_device)
+    server_model.to(server_device)
     train = task.load("train", cfg.train_subset)
     test = task.load("test", cfg.test_subset)
     try:
@@ -104,7 +112,10 @@ def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
                 f"{largest}); lower batch_size"
             )
         method = method_class(cfg, client_model, server_model, task)
-        clients = [method.client(Shard(m, train, idx, cfg.seed)) for m, idx in enumerate(parts)]
+        clients = [
+            method.client(Shard(m, train, idx, cfg.seed, client_device))
+            for m, idx in enumerate(parts)
+        ]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Federation(method, clients, task), test, [source.targets(train).numpy(), *parts]
@@ -139,10 +150,10 @@ def inference_peak(model: nn.Module, shard: Shard, batch_size: int) -> int:
     x, _ = shard.batch(0, batch_size)
     was = model.training
     model.eval()  # a metering forward must not move BatchNorm statistics
-    with LiveTensorMeter() as meter:
+    with meter(x.device) as peak:
         model(x)
     model.train(was)
-    return meter.peak
+    return peak.peak
 
 
 def run(cfg: Config, log=print) -> RunResult:
@@ -239,7 +250,7 @@ def _load(model: nn.Module, weights: dict, path: Path) -> None:
 def _make_engine(cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal):
     if cfg.engine == "ray":
         return _ray_engine()(cfg, fed.server, ledger, measure, journal)
-    return LocalEngine(fed.clients, ledger, measure)
+    return LocalEngine(fed.clients, ledger, measure, batched=cfg.batched())
 
 
 def _ray_task(cfg: Config) -> None:
@@ -354,6 +365,7 @@ def _train(
                 "loss": loss,
                 "bytes_up": ledger.total("up"),
                 "bytes_down": ledger.total("down"),
+                "wall_s": round(wall(), 4),
             }
             metrics.write(json.dumps(row) + "\n")
             last = t + 1 == cfg.steps

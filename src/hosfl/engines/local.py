@@ -4,7 +4,13 @@ reference and every delivery is recorded in the byte ledger at its exact encoded
 The engine also times the clients' work, and at one chosen step measures each client's peak
 tensor memory (``metrics.memory``): the client side of a step is whatever runs inside the
 clients' ``handle`` calls, whatever the method. At that step replies cross as encoded bytes,
-so what a client sends is not kept alive in its memory by the server's reference."""
+so what a client sends is not kept alive in its memory by the server's reference.
+
+Batched simulation (``batched``): the clients asked at once that share their state (the one
+θ_c every HO-SFL client holds) are handed their messages together
+(``ClientRole.handle_group``), so the method can run their forwards as one batch. The server
+still receives one reply per client, counted as before. The metered step is always simulated
+client by client: the meter measures one client's work."""
 
 from __future__ import annotations
 
@@ -13,19 +19,24 @@ from collections.abc import Callable, Mapping, Sequence
 
 from hosfl.methods.base import ClientRole
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
-from hosfl.metrics.memory import LiveTensorMeter
+from hosfl.metrics.memory import meter
 from hosfl.protocol import Message, ProtocolError, decode, encode
 
 
 class LocalEngine:
     def __init__(
-        self, clients: Sequence[ClientRole], ledger: ByteLedger, measure_step: int | None = None
+        self,
+        clients: Sequence[ClientRole],
+        ledger: ByteLedger,
+        measure_step: int | None = None,
+        batched: bool = False,
     ) -> None:
         self.clients = list(clients)
+        self.batched = batched
         self.ledger = ledger
         self.client_seconds: dict[int, float] = {}  # step -> seconds in clients' handle calls
         self.measure_step = measure_step
-        self.meters: dict[int, LiveTensorMeter] = {}  # client id (-1: broadcast) -> meter
+        self.meters: dict[int, object] = {}  # client id (-1: broadcast) -> peak meter
         self.before_broadcast: Callable[[Message], None] = lambda msg: None  # e.g. journal it
         self.events: list[dict] = []  # in-process every client shares the record: no drift
 
@@ -47,7 +58,7 @@ class LocalEngine:
 
     def _deliver(self, cid: int, msg: Message, meter_id: int) -> Message | None:
         if msg.step == self.measure_step:
-            with self.meters.setdefault(meter_id, LiveTensorMeter()):
+            with self.meters.setdefault(meter_id, meter(self.clients[cid].shard.device)):
                 reply = self.clients[cid].handle(msg)
             # The server gets its own copy, as over a network: the client's tensors are freed
             # when the client drops them, not kept alive by the server's reference.
@@ -63,15 +74,43 @@ class LocalEngine:
         self.client_seconds[msg.step] = self.client_seconds.get(msg.step, 0.0) + elapsed
         return reply
 
+    def _groups(self, cids: list[int], step: int) -> list[list[int]]:
+        """The clients that answer together: one each, or (batched) those sharing a state."""
+        if not self.batched or step == self.measure_step:
+            return [[cid] for cid in cids]
+        groups: dict[tuple[type, int], list[int]] = {}
+        for cid in cids:
+            role = self.clients[cid]
+            groups.setdefault((type(role), id(role.state)), []).append(cid)
+        return list(groups.values())
+
+    def _deliver_group(self, cids: list[int], msgs: list[Message]) -> list[Message | None]:
+        if len(cids) == 1:
+            return [self._deliver(cids[0], msgs[0], cids[0])]
+        roles = [self.clients[cid] for cid in cids]
+        start = time.perf_counter()
+        replies = type(roles[0]).handle_group(roles, msgs)
+        step = msgs[0].step
+        self.client_seconds[step] = self.client_seconds.get(step, 0.0) + (
+            time.perf_counter() - start
+        )
+        return replies
+
     def ask(self, requests: Mapping[int, Message]) -> dict[int, Message]:
         """Send each client its request and collect the replies, in client order."""
+        cids = sorted(requests)
+        if not cids:
+            return {}
         replies = {}
-        for cid in sorted(requests):
-            reply = self._deliver(cid, self.carry(DOWN, requests[cid]), cid)
-            if reply is None:
-                raise RuntimeError(f"client {cid} did not answer {type(requests[cid]).__name__}")
-            replies[cid] = self.carry(UP, reply)
-        return replies
+        for group in self._groups(cids, requests[cids[0]].step):
+            msgs = [self.carry(DOWN, requests[cid]) for cid in group]
+            for cid, reply in zip(group, self._deliver_group(group, msgs), strict=True):
+                if reply is None:
+                    raise RuntimeError(
+                        f"client {cid} did not answer {type(requests[cid]).__name__}"
+                    )
+                replies[cid] = self.carry(UP, reply)
+        return {cid: replies[cid] for cid in cids}
 
     def tell(self, messages: Mapping[int, Message]) -> None:
         """Deliver each client its message; no replies."""

@@ -31,11 +31,11 @@ import ray
 import torch
 
 from hosfl import methods, tasks
-from hosfl.config import Config
+from hosfl.config import Config, ConfigError
 from hosfl.journal import Journal
 from hosfl.methods.base import Method, Shard
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
-from hosfl.metrics.memory import LiveTensorMeter
+from hosfl.metrics.memory import meter
 from hosfl.protocol import (
     CatchUp,
     Message,
@@ -56,12 +56,14 @@ class ClientProcess:
         torch.set_num_threads(threads)
         cfg = Config.from_dict(config).validate()
         task, client_model, server_model = tasks.prepare(cfg)
+        device = cfg.device_of("client")  # resolved here, on the client's own machine
+        client_model.to(device)
         train = task.load("train", cfg.train_subset)
-        shard = Shard(cid, train, task.partition(cfg, train)[cid], cfg.seed)
+        shard = Shard(cid, train, task.partition(cfg, train)[cid], cfg.seed, device)
         method = methods.get(cfg.method)(cfg, client_model, server_model, task)
         self.role = method.client(shard)
         self.measure_step = min(1, cfg.steps - 1)
-        self.meter = LiveTensorMeter()  # one meter across the calls of the measured step
+        self.meter = meter(device)  # one meter across the calls of the measured step
         self.seconds = 0.0
 
     def handle(self, data: bytes) -> bytes | None:
@@ -132,12 +134,13 @@ class RayEngine:
         # The K clients of a step run at once; on one machine more threads each only contend.
         # (Results depend on the thread count: equal counts give bit-identical runs.)
         threads = cfg.client_threads or torch.get_num_threads()
+        gpus = self._gpus_per_client(cfg)
         self.actors = []
         for cid in range(cfg.clients):
             # Across machines each client goes to the node that offers its resource
             # (``ray start --resources='{"hosfl_client_3": 1}'``); on one machine, anywhere.
             res = {f"hosfl_client_{cid}": 1} if cfg.ray_address else {}
-            opts = dict(num_cpus=0, max_restarts=-1, resources=res)
+            opts = dict(num_cpus=0, num_gpus=gpus, max_restarts=-1, resources=res)
             if cid in self.actor_env:
                 opts["runtime_env"] = {"env_vars": self.actor_env[cid]}
             self.actors.append(actor.options(**opts).remote(cfg.to_dict(), cid, threads))
@@ -190,6 +193,19 @@ class RayEngine:
             raise ProtocolError(f"client {cid} is at step {have}, ahead of the server ({target})")
         seeds, values = zip(*self.journal.entries(have, target), strict=True)
         return [self._send(cid, CatchUp(have, torch.stack(seeds), torch.stack(values)))]
+
+    @staticmethod
+    def _gpus_per_client(cfg: Config) -> float:
+        """Ray's GPU share of one client process: none unless the clients compute on CUDA;
+        ``client_gpus``, or the cluster's GPUs divided among the M clients (at most one)."""
+        if not (cfg.client_device or cfg.device).startswith(("cuda", "auto")):
+            return 0.0
+        total = ray.cluster_resources().get("GPU", 0.0)
+        if (cfg.client_device or cfg.device) == "auto" and not total:
+            return 0.0  # auto on a cluster without GPUs: the CPU
+        if not total:
+            raise ConfigError("client_device=cuda: this Ray cluster offers no GPU")
+        return cfg.client_gpus or min(1.0, total / cfg.clients)
 
     def _state(self, cid: int) -> Synced:
         """Ask client ``cid`` where its replica is, waiting (up to STARTUP seconds) while its

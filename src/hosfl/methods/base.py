@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hosfl import zo
+from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.data import source
 from hosfl.protocol import (
@@ -84,12 +84,21 @@ class Shard:
     The batch of step t is drawn from ``default_rng([seed, 2, client, t])``: the same on every run
     and every machine, with no per-client generator state to keep."""
 
-    def __init__(self, cid: int, data: source.Data, idx: np.ndarray, seed: int) -> None:
+    def __init__(
+        self,
+        cid: int,
+        data: source.Data,
+        idx: np.ndarray,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.cid, self.data, self.idx, self.seed = cid, data, idx, seed
+        self.device = torch.device(device)  # where the client computes: batches go there
 
     def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 2, self.cid, step])
-        return source.take(self.data, rng.choice(self.idx, min(size, len(self.idx)), False))
+        x, y = source.take(self.data, rng.choice(self.idx, min(size, len(self.idx)), False))
+        return devices.to(x, self.device), devices.to(y, self.device)
 
 
 class ClientRole(ABC):
@@ -105,6 +114,14 @@ class ClientRole(ABC):
         all) are updated by one delivery; the ledger still counts a copy per client."""
         return self
 
+    @classmethod
+    def handle_group(cls, roles: list[ClientRole], msgs: list[Message]) -> list[Message | None]:
+        """Answer one message each for several clients of this class that share ``state``
+        (batched simulation, in-process): by default one ``handle`` call each. A class that
+        can do better (one forward of the concatenated batches) overrides it; its replies
+        must be the messages ``handle`` would send, up to float rounding."""
+        return [role.handle(msg) for role, msg in zip(roles, msgs, strict=True)]
+
     def synced(self) -> Synced | None:
         """Where this client's seed-synced replica is (None: the client keeps no replica)."""
         return None
@@ -116,6 +133,14 @@ class ClientRole(ABC):
     def restore(self, msg: ReplicaState) -> Synced:
         """Take the server's record of a drifted replica; only seed-synced clients can."""
         raise ProtocolError(f"client {self.shard.cid} keeps no replica to restore")
+
+
+def concatenated(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+    """The clients' batches as one (batched simulation) and each one's size; None where
+    they cannot be one batch (examples of different shapes)."""
+    if any(t.shape[1:] != tensors[0].shape[1:] for t in tensors):
+        return None
+    return torch.cat(tensors), [len(t) for t in tensors]
 
 
 class Method(ABC):
@@ -249,6 +274,7 @@ class SplitMethod(Method):
             cfg.server_optimizer, server_model.parameters(), cfg.server_lr, cfg.momentum
         )
         self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
+        self.bf16 = cfg.server_dtype == "bfloat16"  # z and λ stay float32
         self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
 
     def stateful(self) -> dict[str, Any]:
@@ -321,9 +347,11 @@ class SplitMethod(Method):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         lams, total = {}, 0.0
+        here = devices.of(self.model)
         for cid, msg in smashed.items():
-            z = msg.z.detach().clone().requires_grad_(True)
-            loss = self.task.loss(self.model(z), msg.y)
+            z = devices.to(msg.z.detach(), here).clone().requires_grad_(True)
+            with torch.autocast(here.type, torch.bfloat16, enabled=self.bf16):
+                loss = self.task.loss(self.model(z), devices.to(msg.y, here))
             loss.backward()
             lams[cid] = CutGradient(msg.step, z.grad)
             total += loss.item()

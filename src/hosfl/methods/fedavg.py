@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from hosfl import zo
+from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import (
     ClientRole,
@@ -56,7 +56,8 @@ class FedAvg(Method):
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)
-        self.model = nn.Sequential(client_model, server_model)
+        # the whole model runs where the client part does
+        self.model = nn.Sequential(client_model, server_model).to(devices.of(client_model))
         self.client_holds = self.model
         self.params = zo.trainable(self.model)
 

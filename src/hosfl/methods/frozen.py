@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from hosfl.config import Config
-from hosfl.methods.base import NO_SEEDS, ClientRole, Shard, SplitMethod
+from hosfl.methods.base import NO_SEEDS, ClientRole, Shard, SplitMethod, concatenated
 from hosfl.protocol import Message, ProtocolError, SmashedData, StepPlan
 
 
@@ -21,12 +21,31 @@ class Client(ClientRole):
     def __init__(self, shard: Shard, model: torch.nn.Module, cfg: Config) -> None:
         self.shard, self.model, self.cfg = shard, model.eval(), cfg
 
+    @property
+    def state(self) -> object:
+        return self.model  # in-process every client runs the one client part
+
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):
             x, y = self.shard.batch(msg.step, self.cfg.batch_size)
             return SmashedData(msg.step, self.model(x), y)
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
+
+    @classmethod
+    @torch.no_grad()
+    def handle_group(cls, roles: list[Client], msgs: list[Message]) -> list[Message | None]:
+        """The step's forwards as one forward of the concatenated batches (batched
+        simulation); each client's rows are its z_m."""
+        step = msgs[0].step
+        if not all(isinstance(m, StepPlan) and m.step == step for m in msgs):
+            return super().handle_group(roles, msgs)
+        batches = [r.shard.batch(step, r.cfg.batch_size) for r in roles]
+        joined = concatenated([x for x, _ in batches])
+        if joined is None:
+            return super().handle_group(roles, msgs)
+        zs = roles[0].model(joined[0]).split(joined[1])
+        return [SmashedData(step, z, y) for z, (_, y) in zip(zs, batches, strict=True)]
 
 
 class Frozen(SplitMethod):

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from hosfl import zo
+from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import (
     ClientRole,
     Diverged,
     Shard,
     SplitMethod,
+    concatenated,
     digest,
     make_optimizer,
 )
@@ -239,19 +240,82 @@ class Client(ReplicaClient):
                 raise ProtocolError(f"client {self.shard.cid}: λ for step {msg.step} unasked")
             step, x, z, seeds = self._pending
             self._pending = None
-            base = zo.project(msg.lam, z)
+            lam = devices.to(msg.lam, z.device)
+            base = zo.project(lam, z)
             del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
             values = []
             for seed in seeds:
                 with zo.perturbed(
                     self.replica.model, seed, self.cfg.mu, self.cfg.directions, self.bf16
                 ):
-                    values.append(zo.estimate(msg.lam, self._forward(x), base))
+                    values.append(zo.estimate(lam, self._forward(x), base))
             return ProbeScalars(step, torch.tensor(values, dtype=torch.float32))
         if isinstance(msg, ScalarBroadcast):  # every client applies the same update
             self.replica.apply(msg)
             return None
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
+
+    @classmethod
+    @torch.no_grad()
+    def handle_group(cls, roles: list[Client], msgs: list[Message]) -> list[Message | None]:
+        """The K clients of a step, which hold one θ_c, as one batch: their forwards are one
+        forward of the concatenated batches, and probe p is one forward at θ_c + μu_p from
+        which each client's v_mp = λ_mᵀ(f(x_m; θ + μu_p) − z_m) is read off its own rows.
+        Each reply is the message that client sends alone (z_m, y_m; its P scalars), equal
+        to float rounding: a batch of another size may take other kernel paths."""
+        first = msgs[0]
+        same = all(type(m) is type(first) and m.step == first.step for m in msgs)
+        if not same or not isinstance(first, StepPlan | CutGradient):
+            return super().handle_group(roles, msgs)
+        if isinstance(first, StepPlan):
+            return cls._forward_group(roles, msgs)
+        return cls._probe_group(roles, msgs)
+
+    @classmethod
+    def _forward_group(cls, roles: list[Client], msgs: list[StepPlan]) -> list[Message | None]:
+        step = msgs[0].step
+        lead = roles[0]
+        if lead.replica.step != step:
+            return [lead.handle(msgs[0])]  # its error, as alone
+        batches = [r.shard.batch(step, r.cfg.batch_size) for r in roles]
+        joined = concatenated([x for x, _ in batches])
+        if joined is None:
+            return super().handle_group(roles, msgs)
+        x, sizes = joined
+        zs = lead._forward(x).split(sizes)
+        replies = []
+        for role, msg, (xm, ym), zm in zip(roles, msgs, batches, zs, strict=True):
+            role._pending = (step, xm, zm, msg.seeds.tolist())
+            replies.append(SmashedData(step, zm, ym))
+        return replies
+
+    @classmethod
+    def _probe_group(cls, roles: list[Client], msgs: list[CutGradient]) -> list[Message | None]:
+        step = msgs[0].step
+        pending = [r._pending for r in roles]
+        if any(p is None or p[0] != step for p in pending) or any(
+            p[3] != pending[0][3] for p in pending
+        ):
+            return super().handle_group(roles, msgs)  # each raises, or answers, as alone
+        joined = concatenated([p[1] for p in pending])
+        if joined is None:
+            return super().handle_group(roles, msgs)
+        x, sizes = joined
+        seeds = pending[0][3]
+        for role in roles:
+            role._pending = None
+        lead = roles[0]
+        lams = [devices.to(m.lam, p[2].device) for m, p in zip(msgs, pending, strict=True)]
+        bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
+        del pending  # f(θ) is not needed beyond λᵀ f(θ), as alone
+        values: list[list[float]] = [[] for _ in roles]
+        model, cfg = lead.replica.model, lead.cfg
+        for seed in seeds:
+            with zo.perturbed(model, seed, cfg.mu, cfg.directions, lead.bf16):
+                zp = lead._forward(x).split(sizes)
+            for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
+                values[m].append(zo.estimate(lam, zm, base))
+        return [ProbeScalars(step, torch.tensor(v, dtype=torch.float32)) for v in values]
 
 
 ABSURD = 100.0  # an update moving θ_c by more than this many times |θ_c| is never committed

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from hosfl import zo
+from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import Shard
 from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient
@@ -69,7 +69,12 @@ class HOSL(HOSFL):
         move BatchNorm statistics (P+1 forwards a step) nor see dropout."""
         was = self.model.training
         self.model.eval()
-        out = {m: self.task.loss(self.model(zs[m]), ys[m]).double() for m in sorted(zs)}
+        here = devices.of(self.model)
+        out = {
+            m: self.task.loss(self.model(devices.to(zs[m], here)), devices.to(ys[m], here))
+            for m in sorted(zs)
+        }
+        out = {m: v.double() for m, v in out.items()}
         self.model.train(was)
         return out
 
@@ -101,10 +106,8 @@ class HOSL(HOSFL):
                     self.reject(t, m, why)
             losses = self.losses({m: s.z for m, s in probed.items()}, ys)
             diffs = [losses[m] - base[m] for m in sorted(losses)]
-            values.append(
-                sum(diffs) / len(diffs) if diffs else torch.zeros((), dtype=torch.float64)
-            )
+            values.append(float(sum(diffs) / len(diffs)) if diffs else 0.0)
         _, loss = self.train(smashed, t)
-        update = ScalarBroadcast(t, plan.seeds, torch.stack(values).float())
+        update = ScalarBroadcast(t, plan.seeds, torch.tensor(values, dtype=torch.float64).float())
         self.commit(update, engine)
         return loss, update

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from hosfl import zo
+from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import (
     NO_SEEDS,
@@ -59,7 +59,8 @@ class Client(ClientRole):
                 raise ProtocolError(f"client {self.shard.cid}: λ for step {msg.step} unasked")
             step, z = self._pending
             self._pending = None
-            grads = torch.autograd.grad(z, self.params, grad_outputs=msg.lam)
+            lam = devices.to(msg.lam, z.device)
+            grads = torch.autograd.grad(z, self.params, grad_outputs=lam)
             with torch.no_grad():
                 local = parameters_to_vector(self.params) - self.cfg.client_lr * (
                     parameters_to_vector(grads)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hosfl import zo
+from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole, Shard
 from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient
@@ -34,7 +34,7 @@ class Client(ReplicaClient):
             for seed in msg.seeds.tolist():
                 with zo.perturbed(model, seed, self.cfg.mu, self.cfg.directions):
                     values.append(self.task.loss(model(x), y).double() - base)
-            return ProbeScalars(msg.step, torch.stack(values).float())
+            return ProbeScalars(msg.step, torch.stack(values).float().cpu())
         if isinstance(msg, ScalarBroadcast):
             self.replica.apply(msg)
             return None
@@ -48,7 +48,8 @@ class ZOFL(HOSFL):
     name = "zo-fl"
 
     def replicated(self) -> nn.Module:
-        return nn.Sequential(self.client_model, self.server_model)
+        # the whole model runs where the client part does
+        return nn.Sequential(self.client_model, self.server_model).to(devices.of(self.client_model))
 
     def client(self, shard: Shard) -> ClientRole:
         return Client(shard, self.replica, self.cfg, self.task)

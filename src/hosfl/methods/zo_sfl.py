@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hosfl import zo
+from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.hosfl import zo_lr
 from hosfl.methods.hosl import HOSL
@@ -40,8 +40,11 @@ class ZOSFL(HOSL):
         seeds = rng.integers(0, 2**31, size=self.cfg.P).tolist()
         self.model.eval()
 
+        here = devices.of(self.model)
+        batches = [(devices.to(s.z, here), devices.to(s.y, here)) for s in smashed.values()]
+
         def loss() -> torch.Tensor:
-            return sum(self.task.loss(self.model(s.z), s.y).double() for s in smashed.values())
+            return sum(self.task.loss(self.model(z), y).double() for z, y in batches)
 
         base = loss()
         values = []

