@@ -57,12 +57,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="benchmarks/results/aggregate")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every run (e.g. directions=gaussian)")  # fmt: skip
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    todo = [(name, o, s, args.out) for name, o in ROWS.items() for s in seeds]
+    todo = [(name, [*o, *args.set], s, args.out) for name, o in ROWS.items() for s in seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(one, todo))
-    print(f"command: python benchmarks/aggregate.py --seeds {args.seeds}\n")
+    extra = "".join(f" --set {kv}" for kv in args.set)
+    print(f"command: python benchmarks/aggregate.py --seeds {args.seeds}{extra}\n")
     print("| aggregate | final acc (mean ± sd) | last-3 evals (mean ± sd) | rejected uploads |")
     print("|---|---|---|---|")
     for name in ROWS:

@@ -60,10 +60,10 @@ class Config:
     P: int = _f(5, "zeroth-order probes per step (shared seeds)")
     mu: float = _f(1e-3, "perturbation scale of the probes")
     directions: str = _f(
-        "gaussian",
-        "probe directions: gaussian (fast on a CPU; replicas agree bit for bit only on the same "
-        "kind of CPU) or rademacher (±1 from a counter hash; directions and updates give the "
-        "same bits on every IEEE-754 machine)",
+        "rademacher",
+        "probe directions: rademacher (±1 from a counter hash; directions and updates give the "
+        "same bits on every IEEE-754 machine) or gaussian (a CPU generator; NOT exact across "
+        "machines: replicas on another kind of CPU or a GPU drift and are resynced)",
     )
     client_optimizer: str = _f("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}")
     client_lr: float = _f(0.05, "client learning rate")

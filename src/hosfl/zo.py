@@ -308,8 +308,10 @@ class ExactOptimizer:
         group = dict(state["group"])
         group["betas"] = tuple(group["betas"])
         self.param_groups = [group]
-        self.buffers = {int(i): {k: v.clone() for k, v in b.items()} for i, b in
-                        state["buffers"].items()}  # fmt: skip
+        # a checkpoint is loaded on the CPU: each buffer goes where its parameter lives
+        self.buffers = {int(i): {k: v.to(self.params[int(i)].device, copy=True)
+                                 for k, v in b.items()}
+                        for i, b in state["buffers"].items()}  # fmt: skip
 
 
 def _plain_sgd_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float] | None:

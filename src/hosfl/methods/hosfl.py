@@ -142,7 +142,7 @@ class Replica:
     def export(self) -> ReplicaState:
         """θ_c and the optimizer's state, flat: what a drifted client is sent."""
         weights = torch.cat([p.detach().reshape(-1) for p in self.params])
-        buffers = [torch.tensor([float(self._steps())])]
+        buffers = [torch.tensor([float(self._steps())], device=weights.device)]
         for i, name in self._buffers():
             b = self._buffer(i, name)
             buffers.append((b if b is not None else torch.zeros_like(self.params[i])).reshape(-1))
@@ -166,7 +166,7 @@ class Replica:
         opt = self.optimizer
         for i, name in self._buffers():
             p = self.params[i]
-            value = msg.state[at : at + p.numel()].view_as(p).clone()
+            value = msg.state[at : at + p.numel()].view_as(p).to(p.device, copy=True)
             at += p.numel()
             if isinstance(opt, zo.ExactOptimizer):
                 opt.buffers.setdefault(i, {})[name] = value
