@@ -139,7 +139,7 @@ def main() -> None:
     parts = {"resnet18": (5, None), "opt": (2, None)}
     if dry:  # the shrunk sizes of the runs above
         vision, text = resnet18_task(r["B"], r["B"]), opt_task(o["B"], o["B"], o["T"], dry)
-        parts = {name: (P, (t._parts[0], t.load("train")[0]))
+        parts = {name: (P, (t.split_model(t.cut, 0)[0], t.load("train")[0]))
                  for name, P, t in (("resnet18", 5, vision), ("opt", 2, text))}  # fmt: skip
     results["client_step"] = [client_step.measure(p, args.device, P, 3 if dry else 5, part)
                               for p, (P, part) in parts.items()]  # fmt: skip

@@ -70,9 +70,13 @@ class LocalEngine:
                 return reply  # malformed: the server's admission rejects it with its reason
         start = time.perf_counter()
         reply = self.clients[cid].handle(msg)
-        elapsed = time.perf_counter() - start
-        self.client_seconds[msg.step] = self.client_seconds.get(msg.step, 0.0) + elapsed
+        self._timed(msg.step, start)
         return reply
+
+    def _timed(self, step: int, start: float) -> None:
+        """Count the client work since ``start`` towards ``step``."""
+        elapsed = time.perf_counter() - start
+        self.client_seconds[step] = self.client_seconds.get(step, 0.0) + elapsed
 
     def _groups(self, cids: list[int], step: int) -> list[list[int]]:
         """The clients that answer together: one each, or (batched) those sharing a state."""
@@ -90,10 +94,7 @@ class LocalEngine:
         roles = [self.clients[cid] for cid in cids]
         start = time.perf_counter()
         replies = type(roles[0]).handle_group(roles, msgs)
-        step = msgs[0].step
-        self.client_seconds[step] = self.client_seconds.get(step, 0.0) + (
-            time.perf_counter() - start
-        )
+        self._timed(msgs[0].step, start)
         return replies
 
     def ask(self, requests: Mapping[int, Message]) -> dict[int, Message]:

@@ -198,10 +198,11 @@ class RayEngine:
     def _gpus_per_client(cfg: Config) -> float:
         """Ray's GPU share of one client process: none unless the clients compute on CUDA;
         ``client_gpus``, or the cluster's GPUs divided among the M clients (at most one)."""
-        if not (cfg.client_device or cfg.device).startswith(("cuda", "auto")):
+        name = cfg.client_device or cfg.device
+        if not name.startswith(("cuda", "auto")):
             return 0.0
         total = ray.cluster_resources().get("GPU", 0.0)
-        if (cfg.client_device or cfg.device) == "auto" and not total:
+        if name == "auto" and not total:
             return 0.0  # auto on a cluster without GPUs: the CPU
         if not total:
             raise ConfigError("client_device=cuda: this Ray cluster offers no GPU")

@@ -143,6 +143,19 @@ def concatenated(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] 
     return torch.cat(tensors), [len(t) for t in tensors]
 
 
+def forward_group(
+    roles: list[ClientRole], step: int, forward
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """Each role's batch of ``step`` and its rows of one ``forward`` of the concatenated
+    batches, as (x_m, y_m, z_m); None where the batches cannot be one."""
+    batches = [r.shard.batch(step, r.cfg.batch_size) for r in roles]
+    joined = concatenated([x for x, _ in batches])
+    if joined is None:
+        return None
+    zs = forward(joined[0]).split(joined[1])
+    return [(x, y, z) for (x, y), z in zip(batches, zs, strict=True)]
+
+
 class Method(ABC):
     """A federated training method, seen from the server. See the module docstring."""
 

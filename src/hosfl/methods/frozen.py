@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from hosfl.config import Config
-from hosfl.methods.base import NO_SEEDS, ClientRole, Shard, SplitMethod, concatenated
+from hosfl.methods.base import NO_SEEDS, ClientRole, Shard, SplitMethod, forward_group
 from hosfl.protocol import Message, ProtocolError, SmashedData, StepPlan
 
 
@@ -40,12 +40,10 @@ class Client(ClientRole):
         step = msgs[0].step
         if not all(isinstance(m, StepPlan) and m.step == step for m in msgs):
             return super().handle_group(roles, msgs)
-        batches = [r.shard.batch(step, r.cfg.batch_size) for r in roles]
-        joined = concatenated([x for x, _ in batches])
-        if joined is None:
+        rows = forward_group(roles, step, roles[0].model)
+        if rows is None:
             return super().handle_group(roles, msgs)
-        zs = roles[0].model(joined[0]).split(joined[1])
-        return [SmashedData(step, z, y) for z, (_, y) in zip(zs, batches, strict=True)]
+        return [SmashedData(step, z, y) for _, y, z in rows]
 
 
 class Frozen(SplitMethod):

@@ -27,6 +27,7 @@ from hosfl.methods.base import (
     SplitMethod,
     concatenated,
     digest,
+    forward_group,
     make_optimizer,
 )
 from hosfl.protocol import (
@@ -277,14 +278,11 @@ class Client(ReplicaClient):
         lead = roles[0]
         if lead.replica.step != step:
             return [lead.handle(msgs[0])]  # its error, as alone
-        batches = [r.shard.batch(step, r.cfg.batch_size) for r in roles]
-        joined = concatenated([x for x, _ in batches])
-        if joined is None:
+        rows = forward_group(roles, step, lead._forward)
+        if rows is None:
             return super().handle_group(roles, msgs)
-        x, sizes = joined
-        zs = lead._forward(x).split(sizes)
         replies = []
-        for role, msg, (xm, ym), zm in zip(roles, msgs, batches, zs, strict=True):
+        for role, msg, (xm, ym, zm) in zip(roles, msgs, rows, strict=True):
             role._pending = (step, xm, zm, msg.seeds.tolist())
             replies.append(SmashedData(step, zm, ym))
         return replies
