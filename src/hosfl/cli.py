@@ -70,6 +70,48 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default="", help="output folder (default: runs/compare-<time>)")
     cmp.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     cmp.add_argument("overrides", nargs="*", metavar="key=value")
+    sv = sub.add_parser(
+        "serve",
+        help="train with clients that connect over the network (hosfl client)",
+        description="'hosfl run engine=net': the server role, the journal, checkpoints and "
+        "evaluation, with each client a 'hosfl client' program that connects to 'listen'. "
+        "Tokens (and the TLS certificate) are issued into 'secrets' (default RUN/secrets).",
+        epilog="example: hosfl serve clients=10 sampled=3 listen=127.0.0.1:7070 out=runs/net",
+    )
+    sv.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    sv.add_argument("overrides", nargs="*", metavar="key=value", help="as for 'hosfl run'")
+    cl = sub.add_parser(
+        "client",
+        help="one client of a network run, on this device",
+        description="Connect to 'hosfl serve', take the run's config from it, and train this "
+        "client's part with forward passes until the run is over.",
+        epilog="example: hosfl client --server 10.0.0.5:7070 --id 3 --token client-3.token "
+        "--ca server.crt",
+    )
+    cl.add_argument("--server", required=True, metavar="HOST:PORT")
+    cl.add_argument("--id", required=True, type=int, help="this client's id (0..M-1)")
+    cl.add_argument("--token", required=True, metavar="FILE", help="the token the server issued")
+    cl.add_argument("--ca", metavar="FILE", help="the server's certificate (server.crt)")
+    cl.add_argument("--no-tls", action="store_true", help="plain connection (loopback only)")
+    cl.add_argument(
+        "--retry-for", type=float, default=300.0, help="give up after this many seconds without "
+        "a server (default: 300)",
+    )
+    cl.add_argument("--quiet", action="store_true", help="print errors only")
+    cl.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="this device's own settings: device, client_device, client_threads",
+    )
+    ks = sub.add_parser(
+        "keys",
+        help="issue the client tokens and the server's TLS certificate of a network run",
+        description="Write FOLDER/client-N.token for N < CLIENTS and FOLDER/server.crt, "
+        "server.key; files already there are kept. Give FOLDER to 'hosfl serve secrets=FOLDER'.",
+    )
+    ks.add_argument("folder")
+    ks.add_argument("--clients", type=int, required=True)
+    ks.add_argument("--host", action="append", default=[], help="a name or address the "
+                    "certificate must carry (besides localhost and 127.0.0.1); repeatable")
     pl = sub.add_parser("plot", help="redraw the plots of saved run folders")
     pl.add_argument("run_folders", nargs="+")
     pl.add_argument("--out", default=".", help="where to write the PNGs (default: .)")
@@ -86,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
             print(summary_table(result))
             if result.summary["diverged_at"] is not None:
                 return 3
+        elif args.command == "serve":
+            from hosfl.runner import run, summary_table
+
+            result = run(Config.load(args.config, [*args.overrides, "engine=net"]))
+            print(summary_table(result))
+        elif args.command == "client":
+            from hosfl.edge.client import main as client_main
+
+            return client_main(args)
+        elif args.command == "keys":
+            from hosfl.edge import keys
+
+            folder = keys.issue(args.folder, args.clients, tuple(args.host))
+            print(f"written: {folder}/client-0..{args.clients - 1}.token, {keys.CERT}, {keys.KEY}")
         elif args.command == "resume":
             from hosfl.runner import resume, summary_table
 

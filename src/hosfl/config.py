@@ -27,7 +27,8 @@ def _f(default: Any, help: str) -> Any:
 
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
-ENGINES = ("local", "ray")
+ENGINES = ("local", "ray", "net")
+TLS = ("auto", "on", "off")
 DIRECTIONS = ("gaussian", "rademacher")
 AGGREGATES = ("mean", "median", "trimmed", "clipped")
 LORA = ("none", "client", "server", "both")
@@ -117,14 +118,28 @@ class Config:
         "0: the cluster's GPUs divided among the clients)",
     )
     ray_address: str = _f("", "engine=ray: cluster address (empty: start Ray on this machine)")
-    client_timeout: float = _f(60.0, "engine=ray: seconds to wait for a client's reply")
-    client_retries: int = _f(1, "engine=ray: times a failed client is restarted and asked again")
-    client_threads: int = _f(
-        1, "engine=ray: torch threads per client process (0: as many as the server process)"
+    client_timeout: float = _f(
+        60.0, "engine=ray/net: seconds to wait for a client's reply (then it is dropped)"
     )
+    client_retries: int = _f(
+        1, "engine=ray/net: times a failed client is restarted (ray) or re-synced and asked again"
+    )
+    client_threads: int = _f(
+        1, "engine=ray/net: torch threads per client process (0: as many as the server process)"
+    )
+    listen: str = _f("127.0.0.1:7070", "engine=net: HOST:PORT the server listens on (port 0: any)")
+    secrets: str = _f("", "engine=net: folder of the client tokens, TLS key (empty: RUN/secrets)")
+    tls: str = _f("auto", "engine=net: TLS on, off, or auto (on unless listen is loopback)")
+    join_timeout: float = _f(
+        300.0, "engine=net: seconds to wait at the start for the clients to connect"
+    )
+    min_clients: int = _f(
+        0, "engine=net: start training once this many clients are connected (0: all of them)"
+    )
+    max_upload_mb: float = _f(64.0, "engine=net: largest frame a client may send, in MiB")
     check_every: int = _f(
         100,
-        "engine=ray: check every client's replica digest every N steps (0: only at catch-up "
+        "engine=ray/net: check every client's replica digest every N steps (0: only at catch-up "
         "and the end); one that differs from the server's record is resynced from it",
     )
     aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
@@ -191,8 +206,14 @@ class Config:
                 raise bad(key, "must be auto, cpu, cuda or cuda:N")
         if self.simulate == "batched" and self.engine != "local":
             raise bad("simulate", "batched simulation is for engine=local (in-process)")
-        if not (self.client_timeout > 0 and self.client_timeout < float("inf")):
-            raise bad("client_timeout", "must be a finite number > 0")
+        for key in ("client_timeout", "join_timeout", "max_upload_mb"):
+            if not (getattr(self, key) > 0 and getattr(self, key) < float("inf")):
+                raise bad(key, "must be a finite number > 0")
+        if self.min_clients > self.clients:
+            raise bad("min_clients", f"must be at most clients={self.clients}")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise bad("listen", "must be HOST:PORT")
         if self.client_dtype == "bfloat16" and self.method != "hosfl":
             raise bad("client_dtype", "bfloat16 client forwards are for method=hosfl only")
         if self.aggregate == "trimmed" and self.sampled < 3:
@@ -201,7 +222,7 @@ class Config:
                 f"trimmed drops two values a probe: needs sampled >= 3, not {self.sampled}",
             )
         keys = ("seq_len", "train_subset", "test_subset", "eval_every", "seed", "snapshot_every")
-        for key in (*keys, "client_retries", "client_threads", "check_every"):
+        for key in (*keys, "client_retries", "client_threads", "check_every", "min_clients"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
         if self.seed >= 2**32:
@@ -212,6 +233,7 @@ class Config:
             "server_optimizer": OPTIMIZERS,
             "partition": PARTITIONS,
             "engine": ENGINES,
+            "tls": TLS,
             "directions": DIRECTIONS,
             "aggregate": AGGREGATES,
             "lora": LORA,

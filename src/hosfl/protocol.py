@@ -264,3 +264,31 @@ class ReplicaState(Message, type_id=10):
         "weights": Tensor("weights", F32, 1),
         "state": Tensor("optimizer", F32, 1),
     }
+
+
+@dataclass(frozen=True)
+class StateQuery(Message, type_id=11):
+    """Server -> a client process: where is your replica? (answered with Synced)"""
+
+    step: int
+    SCHEMA: ClassVar = {}
+
+
+@dataclass(frozen=True)
+class StatsQuery(Message, type_id=12):
+    """Server -> a client process, at the end: your figures (answered with ClientStats)."""
+
+    step: int
+    SCHEMA: ClassVar = {}
+
+
+@dataclass(frozen=True)
+class ClientStats(Message, type_id=13):
+    """Client process -> server: peak tensor bytes of its metered step, microseconds of
+    client work outside it, and the process's peak resident memory (bytes)."""
+
+    step: int
+    peak_bytes: int
+    micros: int
+    rss_bytes: int
+    SCHEMA: ClassVar = {}

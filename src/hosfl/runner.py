@@ -159,9 +159,9 @@ def inference_peak(model: nn.Module, shard: Shard, batch_size: int) -> int:
 def run(cfg: Config, log=print) -> RunResult:
     """Train ``cfg`` and write its run folder; returns the final figures."""
     cfg.validate()
-    if cfg.engine == "ray":
-        _ray_engine()  # a missing Ray is an error before anything is written
-        _ray_task(cfg)
+    if cfg.engine != "local":  # a missing package is an error before anything is written
+        (_ray_engine if cfg.engine == "ray" else _net_engine)()
+        _remote_task(cfg)
     fed, test, (labels, *parts) = build(cfg)
     out = runfolder.prepare(cfg.out, cfg.method)
     with runfolder.locked(out):
@@ -247,19 +247,31 @@ def _load(model: nn.Module, weights: dict, path: Path) -> None:
         raise checkpoint.CheckpointError(f"{path} does not fit its task: {reason}") from None
 
 
-def _make_engine(cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal):
+def _make_engine(
+    cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal, out: Path, log
+):
     if cfg.engine == "ray":
         return _ray_engine()(cfg, fed.server, ledger, measure, journal)
+    if cfg.engine == "net":
+        return _net_engine()(cfg, fed.server, ledger, measure, journal, out, log)
     return LocalEngine(fed.clients, ledger, measure, batched=cfg.batched())
 
 
-def _ray_task(cfg: Config) -> None:
-    """Ray workers build the task from the config: it must be importable there."""
+def _remote_task(cfg: Config) -> None:
+    """Client processes build the task from the config: it must be importable there."""
     if cfg.task not in tasks.BUILT_IN and ":" not in cfg.task:
         raise ConfigError(
-            f"engine=ray: every client process builds task={cfg.task!r} from the config; give "
-            "it as an import path (package.module:factory) that the workers can import"
+            f"engine={cfg.engine}: every client process builds task={cfg.task!r} from the "
+            "config; give it as an import path (package.module:factory) the clients can import"
         )
+
+
+def _net_engine() -> type:
+    try:
+        from hosfl.engines.net import NetEngine
+    except ImportError as e:
+        raise ConfigError(f"engine=net needs gRPC ({e}): pip install 'hosfl[serve]'") from None
+    return NetEngine
 
 
 def _ray_engine() -> type:
@@ -295,7 +307,7 @@ def _train(
     infer_peak = holds + inference_peak(method.client_holds, fed.clients[0].shard, cfg.batch_size)
     journal = Journal(out / "journal.sqlite") if method.seed_synced else None  # created at 0
     # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
-    engine = _make_engine(cfg, fed, ledger, min(1, cfg.steps - 1), journal)
+    engine = _make_engine(cfg, fed, ledger, min(1, cfg.steps - 1), journal, out, log)
 
     def commit(update: Message) -> None:
         """Runs before ``update`` leaves the server: refuse a non-finite one, log it durably
@@ -416,6 +428,10 @@ def _train(
         "diverged_at": diverged,
         "diverged_cause": cause or None,
         "clients_in_sync": engine.verified,
+        # client processes (engine=ray/net): the largest one's peak resident memory, and the
+        # bytes the network transport counted in its frames
+        "client_peak_rss": getattr(engine, "client_peak_rss", None),
+        "wire_bytes": getattr(engine, "wire_bytes", None),
         "rejected": rejected,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

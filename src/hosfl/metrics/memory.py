@@ -90,3 +90,12 @@ def meter(device: torch.device) -> LiveTensorMeter | CudaPeakMeter:
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers: what it holds before any work."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def process_peak_rss() -> int:
+    """This process's peak resident memory in bytes (the whole process: Python, torch, data)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB

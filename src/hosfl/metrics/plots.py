@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from hosfl.checkpoint import CheckpointError
+from hosfl.tasks.base import MissingPackage
 
 
 def load_run(folder: str | Path) -> dict:
@@ -28,8 +29,10 @@ def load_run(folder: str | Path) -> dict:
 
 def plot_runs(folders: list[str | Path], out: str | Path) -> list[Path]:
     """Write accuracy_vs_step.png, accuracy_vs_bytes.png and client_memory.png into ``out``."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingPackage("plots need matplotlib: pip install 'hosfl[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
