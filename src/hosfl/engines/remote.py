@@ -179,11 +179,15 @@ class RemoteEngine:
         return reply
 
     def _welcome(self, cid: int) -> None:
-        """Learn where a (new, restarted or reconnected) client is; a replica that differs
-        from the record at the record's own step takes the record."""
+        """Learn where a (new, restarted or reconnected) client is. A replica that differs
+        from the record at the record's own step, or that is ahead of it (the server resumed
+        from an earlier checkpoint while the client kept running), takes the record."""
         state = self._state(cid)
         record = self.method.synced() if self.seed_synced else None
-        if record and state.step == record.step and state.digest != record.digest:
+        if record and state.step > record.step:
+            why = f"at step {state.step}, ahead of the server's record at step {record.step}"
+            self._resync(cid, record.step, why)
+        elif record and state.step == record.step and state.digest != record.digest:
             why = (
                 "initial weights built on another kind of CPU"
                 if record.step == 0
