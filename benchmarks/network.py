@@ -71,10 +71,12 @@ def _run(engine: str, settings: list[str], folder: Path, clients: int) -> dict:
             for cid in range(clients)
         ]
         out, _ = server.communicate()
+        if server.returncode:
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"hosfl serve failed:\n{out}")
         for p in procs:
             p.wait(timeout=120)
-        if server.returncode:
-            raise SystemExit(f"hosfl serve failed:\n{out}")
     summary = json.loads((folder / "summary.json").read_text())
     steps = summary["steps"]
     ledger = {d: sum(n.values()) / steps for d, n in summary["bytes"].items()}

@@ -82,6 +82,11 @@ class Config:
     zo_lr_max: float = _f(
         0.0, "zo_lr_rule=dimension: the largest zeroth-order rate (0: the first-order rate)"
     )
+    zo_clip: float = _f(
+        0.0,
+        "cap each step's zeroth-order update at this many times the median size of the last 64 "
+        "steps' (‖v̄‖; 0: off): one heavy-tailed step cannot wreck θ_c",
+    )
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
     server_lr: float = _f(0.05, "server learning rate")
     momentum: float = _f(0.0, "SGD momentum, client and server")
@@ -194,6 +199,8 @@ class Config:
         for key in ("client_lr", "server_lr", "zo_lr_max", "outlier_factor"):
             if not (getattr(self, key) >= 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number >= 0")
+        if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):
+            raise bad("zo_clip", "must be 0 (off) or a finite number >= 1")
         if 0 < self.outlier_factor < 2:
             raise bad("outlier_factor", "must be 0 (off) or >= 2")
         if not 0 <= self.momentum < 1:

@@ -120,15 +120,18 @@ class Gateway:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        if tls_on(cfg):
-            key, cert = keys.tls_pair(secrets)
-            port = self.server.add_secure_port(
-                cfg.listen, grpc.ssl_server_credentials([(key, cert)])
-            )
-        else:
-            port = self.server.add_insecure_port(cfg.listen)
+        try:
+            if tls_on(cfg):
+                key, cert = keys.tls_pair(secrets)
+                port = self.server.add_secure_port(
+                    cfg.listen, grpc.ssl_server_credentials([(key, cert)])
+                )
+            else:
+                port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError:  # grpc: "Failed to bind"
+            port = 0
         if not port:
-            raise ConfigError(f"listen: cannot listen on {cfg.listen}")
+            raise ConfigError(f"listen={cfg.listen}: cannot listen there (in use?)")
         self.port = port
         self.server.start()
 

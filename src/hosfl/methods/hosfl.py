@@ -60,6 +60,42 @@ def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
     return first_order_lr
 
 
+class Bound:
+    """``zo_clip``: the size of each step's zeroth-order update, ‖v̄‖ (the ZO gradient is
+    ĝ = 1/(Pμ) Σ_p v̄_p u_p, so ‖ĝ‖ ≤ √(Pd)·‖v̄‖/(Pμ) whatever the directions), is capped at
+    ``factor`` times the median of the last ``window`` steps' sizes, once ``warmup`` steps are
+    seen. The server scales v̄ before it is journaled and broadcast, so the clients, the journal
+    and replay see the capped values and nothing else changes. The probe scalars are
+    heavy-tailed (a loss spike makes λ large): one step far in the tail moved θ_c enough to
+    wreck a run; a cap relative to recent steps needs no per-task number. Like ZO-SGD with
+    gradient clipping (MeZO's language-model setups clip ĝ at a fixed norm), but relative."""
+
+    def __init__(self, factor: float, window: int = 64, warmup: int = 8) -> None:
+        self.factor, self.window, self.warmup = factor, window, warmup
+        self.seen: list[float] = []
+
+    def cap(self) -> float:
+        """The largest ‖v̄‖ the next step may have (inf: not yet, or off)."""
+        if not self.factor or len(self.seen) < self.warmup:
+            return math.inf
+        return self.factor * float(torch.tensor(self.seen, dtype=torch.float64).median())
+
+    def clip(self, values: torch.Tensor) -> torch.Tensor:
+        norm, cap = float(values.double().norm()), self.cap()
+        if norm > cap:
+            values = (values.double() * (cap / norm)).float()
+            norm = cap
+        if norm > 0:  # a step with no admissible scalars says nothing of their size
+            self.seen = (self.seen + [norm])[-self.window :]
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = [float(v) for v in state["seen"]]
+
+
 class Replica:
     """A client's copy of θ_c and its optimizer; applies broadcasts strictly in step order.
 
@@ -331,6 +367,7 @@ class HOSFL(SplitMethod):
         # the server's record of θ_c; in-process every client role shares it
         self.replica = Replica(self.replicated(), cfg)
         self.client_holds = self.replica.model
+        self.bound = Bound(cfg.zo_clip)
 
     def replicated(self) -> nn.Module:
         """The model every client holds and moves by (seeds, v̄): the client part."""
@@ -346,7 +383,8 @@ class HOSFL(SplitMethod):
         return self.client_class(shard, self.replica, self.cfg)
 
     def stateful(self) -> dict[str, Any]:
-        return {**super().stateful(), "replica": self.replica}
+        clip = {"zo_clip": self.bound} if self.cfg.zo_clip else {}  # older checkpoints: none
+        return {**super().stateful(), "replica": self.replica, **clip}
 
     def synced(self) -> Synced:
         """The server's record of θ_c: its next step and digest."""
@@ -388,5 +426,6 @@ class HOSFL(SplitMethod):
         lams, loss = self.train(smashed, t)
         scalars = engine.ask(lams)
         update = self.aggregate(plan, scalars)
+        update = ScalarBroadcast(update.step, update.seeds, self.bound.clip(update.values))
         self.commit(update, engine)
         return loss, update

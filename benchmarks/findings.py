@@ -1,0 +1,139 @@
+"""The findings table of docs/FINDINGS.md: frozen, SplitFed V1 and HO-SFL variants on every
+task and cut the client estimator is judged on, three seeds each, evaluated every 100 steps.
+
+    python benchmarks/findings.py run [--only TEXT]   # the runs not finished yet, one by one
+    python benchmarks/findings.py table               # the Markdown table from the run folders
+
+Runs are written to benchmarks/results/findings/<task>-<cut>-<name>-seed<S> (a folder that
+holds a checkpoint but no summary is resumed; a finished one is skipped), each on one torch
+thread, so that the queue can run beside other work. The table gives, per row, the final test
+accuracy and the mean of the last three evaluations (mean ± sd over seeds), the gain
+recovered (HO-SFL − frozen) / (SplitFed V1 − frozen), and the largest drop between two
+evaluations after the first quarter of a run (a collapse is a drop of more than 5 points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+OUT = Path("benchmarks/results/findings")
+SEEDS = (0, 1, 2)
+# (task, cut, extra settings of every method on it)
+TASKS = [
+    ("fmnist-cnn", "conv2", []),
+    ("fmnist-cnn-wide", "conv2", []),
+    ("sentiment-minilm", "encoder.1", ["partition=by-source"]),
+    ("sentiment-minilm", "encoder.5", ["partition=by-source"]),
+    ("fmnist-effnet", "blocks.2", []),
+    ("fmnist-effnet", "conv_head", []),
+]
+# (name, settings): the baselines, today's HO-SFL, and the variants under test
+METHODS = [
+    ("frozen", ["method=frozen"]),
+    ("sfl-v1", ["method=sfl-v1"]),
+    ("hosfl", ["method=hosfl"]),
+]
+
+
+def folder(task: str, cut: str, name: str, seed: int) -> Path:
+    return OUT / f"{task}-{cut}-{name}-seed{seed}"
+
+
+def command(task: str, cut: str, extra: list[str], settings: list[str], seed: int) -> list[str]:
+    return [f"task={task}", f"cut={cut}", *extra, *settings, f"seed={seed}",
+            "eval_every=100", "progress=false"]  # fmt: skip
+
+
+def run(only: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for task, cut, extra in TASKS:
+        for name, settings in METHODS:
+            for seed in SEEDS:
+                out = folder(task, cut, name, seed)
+                if only not in out.name or (out / "summary.json").exists():
+                    continue
+                args = (
+                    ["resume", str(out)]
+                    if (out / "checkpoint.pt").exists()
+                    else ["run", *command(task, cut, extra, settings, seed), f"out={out}"]
+                )
+                print(f"hosfl {' '.join(args)}", flush=True)
+                OUT.mkdir(parents=True, exist_ok=True)
+                with open(out.with_suffix(".log"), "a") as log:
+                    subprocess.run([sys.executable, "-m", "hosfl.cli", *args], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _evals(out: Path) -> list[tuple[int, float]]:
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("event") == "eval":
+            rows[row["step"]] = row["test_acc"]  # a resumed run's later rows supersede
+    return sorted(rows.items())
+
+
+def _stats(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f} (one seed)" if values else "–"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def table() -> str:
+    lines = [
+        "| task, cut | method | seeds | final accuracy | mean of last 3 evaluations | "
+        "gain recovered | largest drop after ¼ (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, cut, _ in TASKS:
+        finals: dict[str, list[float]] = {}
+        for name, _settings in METHODS:
+            done = [folder(task, cut, name, s) for s in SEEDS]
+            done = [f for f in done if (f / "summary.json").exists()]
+            if not done:
+                continue
+            final, last3, drop = [], [], 0.0
+            for f in done:
+                evals = _evals(f)
+                steps = json.loads((f / "summary.json").read_text())["steps"]
+                final.append(evals[-1][1])
+                last3.append(statistics.mean(a for _, a in evals[-3:]))
+                later = [a for s, a in evals if s >= steps / 4]
+                drop = max([drop, *(100 * (a - b) for a, b in pairwise(later))])
+            finals[name] = final
+            gain = "–"
+            if name not in ("frozen", "sfl-v1") and {"frozen", "sfl-v1"} <= finals.keys():
+                lo, hi = statistics.mean(finals["frozen"]), statistics.mean(finals["sfl-v1"])
+                gain = f"{(statistics.mean(final) - lo) / (hi - lo):.2f}" if hi - lo else "–"
+            lines.append(
+                f"| {task}, {cut} | {name} | {len(done)} | {_stats(final)} | {_stats(last3)} | "
+                f"{gain} | {drop:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "table"))
+    ap.add_argument("--only", default="", help="only the runs whose folder name contains this")
+    args = ap.parse_args()
+    if args.what == "run":
+        run(args.only)
+    else:
+        print(table())
+        print("\ncommand: python benchmarks/findings.py table "
+              "(runs: python benchmarks/findings.py run)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
