@@ -11,7 +11,9 @@ the update) done three ways:
   P + P direction regenerations a step against the naive loop's 2P + P, so on a device where
   the forwards dominate naive ÷ hosfl stays below 1.5 whatever the generator costs;
 - hosfl_rademacher: the same verbs with ``directions=rademacher``, ±1 directions computed on
-  the parameters' own device from a counter hash (no CPU generator, no host-to-device copy).
+  the parameters' own device from a counter hash (no CPU generator, no host-to-device copy);
+- hosfl_jvp: ``estimator=jvp``, each probe scalar λᵀ(μ·J_c u) from one forward-mode pass
+  (``zo.jvp``), Rademacher directions: P passes instead of P + 1 forwards.
 
 Times are the median of ``--repeat`` runs after one warm-up; peaks from the live-tensor meter
 (weights included). Prints a table with ratios to the inference forward and writes JSON.
@@ -148,10 +150,16 @@ def measure(name: str, device: str, P: int, repeat: int, part=None) -> dict:
 
         return step
 
+    @torch.no_grad()
+    def hosfl_jvp() -> None:  # estimator=jvp: P forward-mode passes, no base forward
+        values = [zo.project(lam, zo.jvp(model, x, s, mu, "rademacher")) for s in seeds]
+        zo.apply_update_(params, seeds, values, mu, opt, "rademacher")
+
     row = {"part": name, "device": device, "P": P, "d_c": sum(p.numel() for p in params),
            "input": list(x.shape)}  # fmt: skip
     variants = {"inference": inference, "first_order": first_order, "naive": naive,
-                "hosfl": hosfl("gaussian"), "hosfl_rademacher": hosfl("rademacher")}  # fmt: skip
+                "hosfl": hosfl("gaussian"), "hosfl_rademacher": hosfl("rademacher"),
+                "hosfl_jvp": hosfl_jvp}  # fmt: skip
     for key, fn in variants.items():
         row[f"{key}_s"] = _timed(fn, device, repeat)
         row[f"{key}_peak_bytes"] = _peak(fn, model, device)
@@ -174,15 +182,17 @@ def main() -> None:
         times = [f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in r.items() if k.endswith("_s")]
         print(f"{name}: " + ", ".join(times), flush=True)
     print("\n| part | d_c | P | input | F+B / F | naive / F | hosfl / F | floor (P+1) "
-          "| naive / hosfl | hosfl rademacher / F | hosfl peak / inference peak |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| naive / hosfl | hosfl rademacher / F | jvp / F | hosfl peak / inference peak "
+          "| jvp peak / inference peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r["inference_s"]
         print(f"| {r['part']} | {r['d_c']:,} | {r['P']} | {'×'.join(map(str, r['input']))} "
               f"| {r['first_order_s'] / f:.2f} | {r['naive_s'] / f:.2f} | {r['hosfl_s'] / f:.2f} "
               f"| {r['P'] + 1} | {r['naive_s'] / r['hosfl_s']:.2f} "
-              f"| {r['hosfl_rademacher_s'] / f:.2f} "
-              f"| {r['hosfl_peak_bytes'] / r['inference_peak_bytes']:.2f} |")  # fmt: skip
+              f"| {r['hosfl_rademacher_s'] / f:.2f} | {r['hosfl_jvp_s'] / f:.2f} "
+              f"| {r['hosfl_peak_bytes'] / r['inference_peak_bytes']:.2f} "
+              f"| {r['hosfl_jvp_peak_bytes'] / r['inference_peak_bytes']:.2f} |")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"client_step-{args.device}.json").write_text(json.dumps(rows, indent=1))

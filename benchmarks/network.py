@@ -30,6 +30,7 @@ import torch
 from hosfl.edge import keys
 
 HOSFL = [sys.executable, "-m", "hosfl.cli"]
+ONE_CORE = False  # --one-core: every process on CPU 0, so that no engine gains by parallelism
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -46,12 +47,17 @@ def _ms_per_step(folder: Path) -> float:
     return 1000 * (walls[last] - walls[first]) / (last - first)
 
 
+def _pin() -> None:
+    if ONE_CORE:
+        os.sched_setaffinity(0, {0})
+
+
 def _run(engine: str, settings: list[str], folder: Path, clients: int) -> dict:
     """Train with ``engine`` (local, ray, net, net-tls); the figures of its run folder."""
     start = time.perf_counter()
     if engine in ("local", "ray"):
         cmd = [*HOSFL, "run", *settings, f"engine={engine}", f"out={folder}"]
-        subprocess.run(cmd, env=ENV, check=True, capture_output=True)
+        subprocess.run(cmd, env=ENV, check=True, capture_output=True, preexec_fn=_pin)
     else:
         tls = engine == "net-tls"
         secrets = keys.issue(folder.parent / f"{folder.name}-secrets", clients, tls=tls)
@@ -60,6 +66,7 @@ def _run(engine: str, settings: list[str], folder: Path, clients: int) -> dict:
             [*HOSFL, "serve", *settings, f"out={folder}", f"listen={listen}",
              f"secrets={secrets}", f"tls={'on' if tls else 'off'}"],  # fmt: skip
             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=_pin,
         )
         security = ["--ca", str(secrets / keys.CERT)] if tls else ["--no-tls"]
         procs = [
@@ -67,6 +74,7 @@ def _run(engine: str, settings: list[str], folder: Path, clients: int) -> dict:
                 [*HOSFL, "client", "--server", listen, "--id", str(cid), "--quiet",
                  "--token", str(keys.token_path(secrets, cid)), *security],  # fmt: skip
                 env=ENV,
+                preexec_fn=_pin,
             )
             for cid in range(clients)
         ]
@@ -98,7 +106,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--engines", default="local,net,net-tls,ray")
     ap.add_argument("--out", default="benchmarks/results/network")
+    ap.add_argument("--one-core", action="store_true",
+                    help="every process on CPU 0: the clients' work serialised for every engine, "
+                    "so the differences are the transports' own cost")  # fmt: skip
     args = ap.parse_args()
+    global ONE_CORE
+    ONE_CORE = args.one_core
     clients = 10
     settings = [f"clients={clients}", "sampled=3", f"steps={args.steps}", "eval_every=0",
                 "progress=false", "client_threads=1"]  # fmt: skip
@@ -143,11 +156,15 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    print(f"\nM=10, K=3, default task, {args.steps} steps, every process on one torch thread.")
-    print(f"command: python benchmarks/network.py --steps {args.steps} --engines {args.engines}")
+    where = "every process on CPU 0" if args.one_core else f"{os.cpu_count()} CPUs"
+    print(f"\nM=10, K=3, default task, {args.steps} steps, one torch thread a process, {where}.")
+    flag = " --one-core" if args.one_core else ""
+    print(f"command: python benchmarks/network.py --steps {args.steps} --engines {args.engines}"
+          f"{flag}")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "network.json").write_text(json.dumps({"results": results, "same": same}, indent=2))
+    name = f"network{'-one-core' if args.one_core else ''}.json"
+    (out / name).write_text(json.dumps({"results": results, "same": same}, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from hosfl.compare import _for, _gain, compare
+from hosfl.config import ConfigError
 
 
 def test_compare_runs_each_method_on_the_same_budget_and_writes_table_and_plots(tmp_path):
@@ -118,3 +119,26 @@ def test_method_prefixed_overrides_apply_to_that_method_only():
     assert _for("zo-fl", overrides) == ["steps=3", "client_lr=1e-4", "mu=0.01"]
     assert _for("hosfl", overrides) == ["steps=3", "P=2", "mu=0.01"]
     assert _for("frozen", overrides) == ["steps=3", "mu=0.01"]
+
+
+def test_compare_over_seeds_gives_mean_and_sd_per_method(tmp_path):
+    overrides = ["steps=8", "clients=3", "sampled=2", "train_subset=1000", "test_subset=200",
+                 "eval_every=2", "progress=false"]  # fmt: skip
+    folder = tmp_path / "seeds"
+    rows = compare(["frozen", "hosfl"], overrides, str(folder), seeds=[0, 1, 2],
+                   log=lambda *a: None)  # fmt: skip
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        (m, s) for m in ("frozen", "hosfl") for s in (0, 1, 2)
+    ]
+    assert len({r["final_acc"] for r in rows if r["method"] == "hosfl"}) > 1  # seeds differ
+    hosfl = [r["final_acc"] for r in rows if r["method"] == "hosfl"]
+    mean = sum(hosfl) / 3
+    sd = (sum((a - mean) ** 2 for a in hosfl) / 2) ** 0.5
+    table = (folder / "results.md").read_text()
+    assert f"| hosfl | 3 | {mean:.4f} ± {sd:.4f} |" in table
+    for r in rows:
+        assert r["largest_fall"] >= 0 and 0 <= r["last3_acc"] <= 1
+        assert (folder / f"{r['method']}-seed{r['seed']}" / "summary.json").exists()
+    assert (folder / "accuracy_vs_step.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="distinct"):
+        compare(["frozen"], overrides, str(tmp_path / "again"), seeds=[1, 1])

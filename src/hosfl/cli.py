@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0.8,
         help="accuracy for the steps-to-target column (default: 0.8)",
     )
+    cmp.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds: every method once per seed; the table as mean ± sd, the "
+        "curves with a band (default: the config's one seed)",
+    )
     cmp.add_argument("--out", default="", help="output folder (default: runs/compare-<time>)")
     cmp.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     cmp.add_argument("overrides", nargs="*", metavar="key=value")
@@ -159,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = ["eval_every=100", *args.overrides]  # a finer curve than a single run's
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            compare(methods, overrides, args.out, args.target, args.config)
+            try:
+                seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or None
+            except ValueError:
+                raise ConfigError(f"--seeds={args.seeds}: comma-separated integers") from None
+            compare(methods, overrides, args.out, args.target, args.config, seeds=seeds)
         elif args.command == "plot":
             from hosfl.metrics.plots import plot_runs
 

@@ -8,11 +8,13 @@ share of first-order fine-tuning's benefit over an untrained client that a metho
 from __future__ import annotations
 
 import csv
+import statistics
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 from hosfl.config import Config, ConfigError, method_names
-from hosfl.metrics.plots import load_run, plot_runs
+from hosfl.metrics.plots import load_run, plot_groups, plot_runs
 from hosfl.runfolder import prepare as prepare_out
 from hosfl.runner import run
 
@@ -102,6 +104,48 @@ def _for(method: str, overrides: list[str]) -> list[str]:
     return chosen
 
 
+def _mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f} (one seed)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+    """Per method, over its seeds: final accuracy and the mean of its last three evaluations
+    (mean ± sd), gain recovered from the means, and the largest fall between two evaluations
+    after the first quarter of a run (a collapse shows there)."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    final = {m: statistics.mean(r["final_acc"] for r in rs) for m, rs in by.items()}
+    ok = "frozen" in final and "sfl-v1" in final and final["sfl-v1"] - final["frozen"] >= MIN_GAIN
+    lines = [
+        "| method | seeds | final acc | mean of last 3 evaluations | gain recovered "
+        "| largest fall after ¼ (points) | client ms/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, rs in by.items():
+        gain = (final[m] - final["frozen"]) / (final["sfl-v1"] - final["frozen"]) if ok else None
+        lines.append(
+            f"| {m} | {len(rs)} | {_mean_sd([r['final_acc'] for r in rs])} "
+            f"| {_mean_sd([r['last3_acc'] for r in rs])} "
+            f"| {'—' if gain is None else f'{gain:.2f}'} "
+            f"| {max(r['largest_fall'] for r in rs):.1f} "
+            f"| {statistics.mean(r['client_ms_per_step'] for r in rs):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _stability(folder: Path, row: dict) -> None:
+    """The run's mean of its last three evaluations, and its largest fall (points) between two
+    evaluations after the first quarter of its steps."""
+    evals = load_run(folder)["evals"]
+    accs = [e["test_acc"] for e in evals]
+    row["last3_acc"] = statistics.mean(accs[-3:]) if accs else float("nan")
+    later = [e["test_acc"] for e in evals if e["step"] >= row["steps"] / 4]
+    row["largest_fall"] = max([0.0, *(100 * (a - b) for a, b in pairwise(later))])
+
+
 def compare(
     methods: list[str],
     overrides: list[str],
@@ -109,7 +153,12 @@ def compare(
     target: float | None = None,
     config: str | None = None,
     log: Callable[[str], None] = print,
+    seeds: list[int] | None = None,
 ) -> list[dict]:
+    """Run each method (for each of ``seeds``, when given) on the same settings into one
+    folder; write results.csv (a row a run), results.md and the plots (with ``seeds``: the
+    table as mean ± sd over seeds, the curves as the mean with a band from the lowest to the
+    highest seed). Returns the rows."""
     unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
         raise ConfigError(
@@ -118,22 +167,38 @@ def compare(
         )
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"--target={target}: must be in (0, 1]")
-    configs = [Config.load(config, [*_for(m, overrides), f"method={m}", "out="]) for m in methods]
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"--seeds: give distinct seeds, not {seeds}")
+    runs = [
+        (m, s, Config.load(config, [*_for(m, overrides), f"method={m}", "out=",
+                                    *([f"seed={s}"] if s is not None else [])]))  # fmt: skip
+        for m in methods
+        for s in (seeds or [None])
+    ]
     folder = prepare_out(out, "compare")
-    for i, cfg in enumerate(configs):
-        cfg.out = str(folder / cfg.method)
-        log(f"[{i + 1}/{len(configs)}] {cfg.method}")
+    names = []
+    for i, (m, seed, cfg) in enumerate(runs):
+        names.append(m if seed is None else f"{m}-seed{seed}")
+        cfg.out = str(folder / names[-1])
+        log(f"[{i + 1}/{len(runs)}] {names[-1]}")
         run(cfg, log=log)
-    rows = [_row(folder / cfg.method, target) for cfg in configs]
-    _gain(rows)
+    rows = [_row(folder / name, target) for name in names]
+    for row, name, (_, _, cfg) in zip(rows, names, runs, strict=True):
+        row["seed"], row["steps"] = cfg.seed, cfg.steps
+        _stability(folder / name, row)
+    if not seeds:
+        _gain(rows)
     with open(folder / "results.csv", "w", newline="") as f:
         columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(rows, target)
+    table = seeds_markdown(rows) if seeds else markdown(rows, target)
     (folder / "results.md").write_text(table + "\n")
-    plot_runs([folder / cfg.method for cfg in configs], folder)
+    if seeds:
+        plot_groups({m: [folder / f"{m}-seed{s}" for s in seeds] for m in methods}, folder)
+    else:
+        plot_runs([folder / name for name in names], folder)
     log(table)
     log(
         f"written: {folder}/results.csv, results.md, accuracy_vs_step.png, "

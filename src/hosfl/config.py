@@ -66,6 +66,11 @@ class Config:
         "same bits on every IEEE-754 machine) or gaussian (a CPU generator; NOT exact across "
         "machines: replicas on another kind of CPU or a GPU drift and are resynced)",
     )
+    estimator: str = _f(
+        "fd",
+        "hosfl client's probe scalar λᵀ(f(θ+μu) − f(θ)): fd (finite differences, P+1 forwards) "
+        "or jvp (μ·λᵀJ_c u by forward-mode differentiation, P forward-mode passes)",
+    )
     client_optimizer: str = _f("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}")
     client_lr: float = _f(0.05, "client learning rate")
     client_dtype: str = _f(
@@ -221,6 +226,8 @@ class Config:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise bad("listen", "must be HOST:PORT")
+        if self.estimator == "jvp" and self.client_dtype == "bfloat16":
+            raise bad("estimator", "jvp probes are float32 (client_dtype=float32)")
         if self.client_dtype == "bfloat16" and self.method != "hosfl":
             raise bad("client_dtype", "bfloat16 client forwards are for method=hosfl only")
         if self.aggregate == "trimmed" and self.sampled < 3:
@@ -241,6 +248,7 @@ class Config:
             "partition": PARTITIONS,
             "engine": ENGINES,
             "tls": TLS,
+            "estimator": ("fd", "jvp"),
             "directions": DIRECTIONS,
             "aggregate": AGGREGATES,
             "lora": LORA,

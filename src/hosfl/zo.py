@@ -191,6 +191,22 @@ def perturbed(
             h.remove()
 
 
+def jvp(model: nn.Module, x: torch.Tensor, seed: int, mu: float, kind: str) -> torch.Tensor:
+    """μ·J_c u: the change of f(x; θ) along μ·u(seed), exact to float rounding, by one
+    forward-mode pass (``torch.func.jvp``) instead of f(θ + μu) − f(θ). λᵀ of it is the probe
+    scalar of ``estimator=jvp``: the same seeds, scalars, journal and update as finite
+    differences, without their O(μ) bias or the rounding of a difference of two forwards
+    (Baydin et al., "Gradients without backpropagation", 2022)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    primals = {n: p.detach() for n, p in named}
+    tangents = {n: direction(seed, i, p, kind).mul_(mu) for i, (n, p) in enumerate(named)}
+
+    def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, params, (x,), strict=False)
+
+    return torch.func.jvp(f, (primals,), (tangents,))[1]
+
+
 _DOT_SLICE = 1 << 17  # elements per float64 slice of λᵀz (1 MiB each)
 
 

@@ -260,6 +260,20 @@ class Client(ReplicaClient):
         ):
             return self.replica.model(x).float()
 
+    def _probe(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """f(x; θ + μu) (finite differences), or μ·J_c u (``estimator=jvp``)."""
+        cfg = self.cfg
+        if cfg.estimator == "jvp":
+            return zo.jvp(self.replica.model, x, seed, cfg.mu, cfg.directions)
+        with zo.perturbed(self.replica.model, seed, cfg.mu, cfg.directions, self.bf16):
+            return self._forward(x)
+
+    def _value(self, lam: torch.Tensor, probe: torch.Tensor, base: float) -> float:
+        """The probe scalar v = λᵀ(f(θ + μu) − f(θ)), or λᵀ(μ·J_c u)."""
+        if self.cfg.estimator == "jvp":
+            return zo.project(lam, probe)
+        return zo.estimate(lam, probe, base)
+
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):  # forward pass, smashed data up
@@ -280,12 +294,7 @@ class Client(ReplicaClient):
             lam = devices.to(msg.lam, z.device)
             base = zo.project(lam, z)
             del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
-            values = []
-            for seed in seeds:
-                with zo.perturbed(
-                    self.replica.model, seed, self.cfg.mu, self.cfg.directions, self.bf16
-                ):
-                    values.append(zo.estimate(lam, self._forward(x), base))
+            values = [self._value(lam, self._probe(x, seed), base) for seed in seeds]
             return ProbeScalars(step, torch.tensor(values, dtype=torch.float32))
         if isinstance(msg, ScalarBroadcast):  # every client applies the same update
             self.replica.apply(msg)
@@ -343,12 +352,10 @@ class Client(ReplicaClient):
         bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
         del pending  # f(θ) is not needed beyond λᵀ f(θ), as alone
         values: list[list[float]] = [[] for _ in roles]
-        model, cfg = lead.replica.model, lead.cfg
         for seed in seeds:
-            with zo.perturbed(model, seed, cfg.mu, cfg.directions, lead.bf16):
-                zp = lead._forward(x).split(sizes)
+            zp = lead._probe(x, seed).split(sizes)
             for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
-                values[m].append(zo.estimate(lam, zm, base))
+                values[m].append(lead._value(lam, zm, base))
         return [ProbeScalars(step, torch.tensor(v, dtype=torch.float32)) for v in values]
 
 

@@ -39,26 +39,31 @@ class LiveTensorMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
+        inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
+            key = _key(t)
             if key == 0 or (key in inputs and key not in self._live):
                 continue  # empty, or a view / in-place result on memory allocated elsewhere
             if key in self._live:
                 self._live[key][0] += 1
             else:
-                self._live[key] = [1, storage.nbytes()]
-                self.current += storage.nbytes()
+                nbytes = t.untyped_storage().nbytes()
+                self._live[key] = [1, nbytes]
+                self.current += nbytes
                 self.peak = max(self.peak, self.current)
             weakref.finalize(t, self._release, key)
         return out
+
+
+def _key(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage; 0 for a wrapper that has none (forward-mode AD's dual
+    tensors: their primal and tangent are real tensors, allocated by ops this mode sees)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return 0
 
 
 class CudaPeakMeter:

@@ -27,8 +27,7 @@ def load_run(folder: str | Path) -> dict:
     return {"folder": folder, "summary": summary, "evals": evals}
 
 
-def plot_runs(folders: list[str | Path], out: str | Path) -> list[Path]:
-    """Write accuracy_vs_step.png, accuracy_vs_bytes.png and client_memory.png into ``out``."""
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -36,24 +35,45 @@ def plot_runs(folders: list[str | Path], out: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_runs(folders: list[str | Path], out: str | Path) -> list[Path]:
+    """Write accuracy_vs_step.png, accuracy_vs_bytes.png and client_memory.png into ``out``."""
     runs = [load_run(f) for f in folders]
+    return _plot([(r["summary"]["method"], [r]) for r in runs], out)
+
+
+def plot_groups(groups: dict[str, list[str | Path]], out: str | Path) -> list[Path]:
+    """The same plots for runs of several seeds: per label, the mean over its runs (at the
+    steps every run evaluated), with a band from the lowest to the highest run."""
+    loaded = [(f"{label} (n={len(fs)})", [load_run(f) for f in fs]) for label, fs in groups.items()]
+    return _plot(loaded, out)
+
+
+def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
+    plt = _pyplot()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    label = [f"{r['summary']['method']}" for r in runs]
     written = []
-
     for name, key, xlabel, log in (
         ("accuracy_vs_step.png", "step", "step (aggregation)", False),
         ("accuracy_vs_bytes.png", "bytes", "cumulative bytes sent, up + down", True),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r, lab in zip(runs, label, strict=True):
-            xs = [e[key] for e in r["evals"]]
-            ax.plot(xs, [e["test_acc"] for e in r["evals"]], marker=".", label=lab)
+        for label, runs in groups:
+            curves = [{e["step"]: e for e in r["evals"]} for r in runs]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            xs = [sum(c[t][key] for c in curves) / len(curves) for t in steps]
+            accs = [[c[t]["test_acc"] for c in curves] for t in steps]
+            ax.plot(xs, [sum(a) / len(a) for a in accs], marker=".", label=label)
+            if len(runs) > 1:
+                ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy" + (" (band: lowest to highest seed)" if any(
+            len(r) > 1 for _, r in groups) else ""))  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -61,13 +81,16 @@ def plot_runs(folders: list[str | Path], out: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out / name)
 
+    def mean(runs: list[dict], key: str) -> float:
+        return sum(r["summary"][key] for r in runs) / len(runs) / 2**20
+
+    labels = [label for label, _ in groups]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    peaks = [r["summary"]["client_peak_bytes"] / 2**20 for r in runs]
-    floors = [r["summary"]["client_inference_peak_bytes"] / 2**20 for r in runs]
-    ax.bar(label, peaks, color="tab:blue", label="client peak (one step)")
+    ax.bar(labels, [mean(r, "client_peak_bytes") for _, r in groups], color="tab:blue",
+           label="client peak (one step)")  # fmt: skip
     ax.scatter(
-        label,
-        floors,
+        labels,
+        [mean(r, "client_inference_peak_bytes") for _, r in groups],
         color="black",
         marker="_",
         s=400,
