@@ -1,9 +1,14 @@
+import os
 from contextlib import contextmanager
 
 import pytest
 
 from hosfl.config import Config
 from hosfl.journal import Journal
+
+# The tests never reach a model hub (CI has no network): Hugging Face's libraries read this when
+# first imported, and without it each hub lookup waits for its connection to time out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def journal_entries(folder) -> list[tuple[list[int], list[float]]]:

@@ -125,17 +125,17 @@ def test_compare_over_seeds_gives_mean_and_sd_per_method(tmp_path):
     overrides = ["steps=8", "clients=3", "sampled=2", "train_subset=1000", "test_subset=200",
                  "eval_every=2", "progress=false"]  # fmt: skip
     folder = tmp_path / "seeds"
-    rows = compare(["frozen", "hosfl"], overrides, str(folder), seeds=[0, 1, 2],
+    rows = compare(["frozen", "hosfl"], overrides, str(folder), seeds=[0, 1],
                    log=lambda *a: None)  # fmt: skip
     assert [(r["method"], r["seed"]) for r in rows] == [
-        (m, s) for m in ("frozen", "hosfl") for s in (0, 1, 2)
+        (m, s) for m in ("frozen", "hosfl") for s in (0, 1)
     ]
     assert len({r["final_acc"] for r in rows if r["method"] == "hosfl"}) > 1  # seeds differ
     hosfl = [r["final_acc"] for r in rows if r["method"] == "hosfl"]
-    mean = sum(hosfl) / 3
-    sd = (sum((a - mean) ** 2 for a in hosfl) / 2) ** 0.5
+    mean = sum(hosfl) / 2
+    sd = (sum((a - mean) ** 2 for a in hosfl) / 1) ** 0.5
     table = (folder / "results.md").read_text()
-    assert f"| hosfl | 3 | {mean:.4f} ± {sd:.4f} |" in table
+    assert f"| hosfl | 2 | {mean:.4f} ± {sd:.4f} |" in table
     for r in rows:
         assert r["largest_fall"] >= 0 and 0 <= r["last3_acc"] <= 1
         assert (folder / f"{r['method']}-seed{r['seed']}" / "summary.json").exists()

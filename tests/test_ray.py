@@ -141,7 +141,8 @@ def test_malformed_bytes_from_a_client_process_are_dropped_with_a_reason(small_c
 def test_every_method_gives_the_same_weights_in_process_and_as_ray_processes(
     method, small_cfg, tmp_path
 ):
-    cfg = dict(method=method, clients=3, sampled=2, steps=4, eval_every=4, P=2)
+    # two client processes, both sampled: a third would only add a process start-up
+    cfg = dict(method=method, clients=2, sampled=2, steps=4, eval_every=4, P=2)
     if method == "zo-fl":
         cfg["client_lr"] = 1e-3
     local = run(small_cfg(**cfg, out=str(tmp_path / "local")), log=lambda *a: None)
