@@ -39,6 +39,8 @@ METHODS = [
     ("frozen", ["method=frozen"]),
     ("sfl-v1", ["method=sfl-v1"]),
     ("hosfl", ["method=hosfl"]),
+    ("hosfl-clip3", ["method=hosfl", "zo_clip=3"]),
+    ("hosfl-jvp", ["method=hosfl", "estimator=jvp"]),
 ]
 
 
