@@ -109,3 +109,26 @@ def test_a_jvp_run_learns_and_replays_bit_for_bit(small_cfg, tmp_path):
     assert 0 < (a - b).norm() < 0.5 * b.norm()
     assert jvp.accuracy > 0.3
     assert replay_run(jvp.out).identical
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_jvp_goes_through_attention():
+    """CPU's fused attention kernel has no forward-mode derivative; zo.jvp runs attention as
+    plain math, and the result is still the exact directional derivative."""
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(2, 5, 8)
+    lam = torch.randn(2, 5, 8)
+    g = _true_grad(model, x, lam)
+    with torch.no_grad():
+        value = zo.project(lam, zo.jvp(model, x, 3, 1.0, "rademacher"))
+    exact = float(g @ _directions(model, 3, "rademacher"))
+    assert value == pytest.approx(exact, rel=1e-4)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
@@ -204,7 +205,9 @@ def jvp(model: nn.Module, x: torch.Tensor, seed: int, mu: float, kind: str) -> t
     def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(model, params, (x,), strict=False)
 
-    return torch.func.jvp(f, (primals,), (tangents,))[1]
+    # fused attention kernels have no forward-mode derivative: attention runs as plain math
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(f, (primals,), (tangents,))[1]
 
 
 _DOT_SLICE = 1 << 17  # elements per float64 slice of λᵀz (1 MiB each)
