@@ -23,6 +23,8 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
+from hosfl.metrics.plots import load_run
+
 OUT = Path("benchmarks/results/findings")
 SEEDS = (0, 1, 2)
 # (task, cut, extra settings of every method on it)
@@ -74,15 +76,8 @@ def run(only: str) -> None:
 
 
 def _evals(out: Path) -> list[tuple[int, float]]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("event") == "eval":
-            rows[row["step"]] = row["test_acc"]  # a resumed run's later rows supersede
-    return sorted(rows.items())
+    """(step, test accuracy) of each evaluation (a resumed run's later rows supersede)."""
+    return [(e["step"], e["test_acc"]) for e in load_run(out)["evals"]]
 
 
 def _stats(values: list[float]) -> str:

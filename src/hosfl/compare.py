@@ -11,7 +11,6 @@ import csv
 import statistics
 from collections.abc import Callable
 from itertools import pairwise
-from pathlib import Path
 
 from hosfl.config import Config, ConfigError, method_names
 from hosfl.metrics.plots import load_run, plot_groups, plot_runs
@@ -23,8 +22,8 @@ from hosfl.runner import run
 SYNC = ("weights", "seeds", "scalars")
 
 
-def _row(folder: Path, target: float | None) -> dict:
-    r = load_run(folder)
+def _row(r: dict, target: float | None) -> dict:
+    """The figures of one loaded run folder (``load_run``)."""
     s, evals = r["summary"], r["evals"]
     steps, sampled = s["steps"], s["sampled"]
     row = {
@@ -136,10 +135,9 @@ def seeds_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _stability(folder: Path, row: dict) -> None:
+def _stability(evals: list[dict], row: dict) -> None:
     """The run's mean of its last three evaluations, and its largest fall (points) between two
     evaluations after the first quarter of its steps."""
-    evals = load_run(folder)["evals"]
     accs = [e["test_acc"] for e in evals]
     row["last3_acc"] = statistics.mean(accs[-3:]) if accs else float("nan")
     later = [e["test_acc"] for e in evals if e["step"] >= row["steps"] / 4]
@@ -182,10 +180,11 @@ def compare(
         cfg.out = str(folder / names[-1])
         log(f"[{i + 1}/{len(runs)}] {names[-1]}")
         run(cfg, log=log)
-    rows = [_row(folder / name, target) for name in names]
-    for row, name, (_, _, cfg) in zip(rows, names, runs, strict=True):
+    loaded = [load_run(folder / name) for name in names]  # each run folder read once
+    rows = [_row(r, target) for r in loaded]
+    for row, r, (_, _, cfg) in zip(rows, loaded, runs, strict=True):
         row["seed"], row["steps"] = cfg.seed, cfg.steps
-        _stability(folder / name, row)
+        _stability(r["evals"], row)
     if not seeds:
         _gain(rows)
     with open(folder / "results.csv", "w", newline="") as f:
