@@ -3,6 +3,7 @@ task and cut the client estimator is judged on, three seeds each, evaluated ever
 
     python benchmarks/findings.py run [--only TEXT]   # the runs not finished yet, one by one
     python benchmarks/findings.py table               # the Markdown table from the run folders
+    python benchmarks/findings.py blame FOLDER STEP   # which side's step made an evaluation fall
 
 Runs are written to benchmarks/results/findings/<task>-<cut>-<name>-seed<S> (a folder that
 holds a checkpoint but no summary is resumed; a finished one is skipped), each on one torch
@@ -36,13 +37,16 @@ TASKS = [
     ("fmnist-effnet", "blocks.2", []),
     ("fmnist-effnet", "conv_head", []),
 ]
-# (name, settings): the baselines, today's HO-SFL, and the variants under test
+# (name, settings, the tasks it runs on (all when empty)): the baselines, today's HO-SFL, and
+# the variants under test
 METHODS = [
-    ("frozen", ["method=frozen"]),
-    ("sfl-v1", ["method=sfl-v1"]),
-    ("hosfl", ["method=hosfl"]),
-    ("hosfl-clip3", ["method=hosfl", "zo_clip=3"]),
-    ("hosfl-jvp", ["method=hosfl", "estimator=jvp"]),
+    ("frozen", ["method=frozen"], ()),
+    ("sfl-v1", ["method=sfl-v1"], ()),
+    ("hosfl", ["method=hosfl"], ()),
+    ("hosfl-clip3", ["method=hosfl", "zo_clip=3"], ()),
+    ("hosfl-jvp", ["method=hosfl", "estimator=jvp"], ()),
+    ("hosfl-lora", ["method=hosfl", "lora=client"], ("sentiment-minilm",)),
+    ("hosfl-out1", ["method=hosfl", "zo_lr_rule=output", "zo_step=0.01"], ()),
 ]
 
 
@@ -58,8 +62,10 @@ def command(task: str, cut: str, extra: list[str], settings: list[str], seed: in
 def run(only: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for task, cut, extra in TASKS:
-        for name, settings in METHODS:
+        for name, settings, only_on in METHODS:
             for seed in SEEDS:
+                if only_on and task not in only_on:
+                    continue
                 out = folder(task, cut, name, seed)
                 if only not in out.name or (out / "summary.json").exists():
                     continue
@@ -70,7 +76,7 @@ def run(only: str) -> None:
                 )
                 print(f"hosfl {' '.join(args)}", flush=True)
                 OUT.mkdir(parents=True, exist_ok=True)
-                with open(out.with_suffix(".log"), "a") as log:
+                with open(out.parent / f"{out.name}.log", "a") as log:
                     subprocess.run([sys.executable, "-m", "hosfl.cli", *args], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
@@ -94,7 +100,7 @@ def table() -> str:
     ]
     for task, cut, _ in TASKS:
         finals: dict[str, list[float]] = {}
-        for name, _settings in METHODS:
+        for name, _settings, _only_on in METHODS:
             done = [folder(task, cut, name, s) for s in SEEDS]
             done = [f for f in done if (f / "summary.json").exists()]
             if not done:
@@ -119,13 +125,51 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def blame(run_folder: Path, step: int) -> str:
+    """Which part's update at ``step`` moved the test accuracy: the run is redone (same config
+    and seed, so the same steps) to step − 1 and to step, and the test set is evaluated with
+    each client part beside each server part."""
+    from hosfl import checkpoint
+    from hosfl.runner import evaluate, load_models
+
+    if step < 2:
+        raise SystemExit(f"blame needs a step of 2 or more, got {step}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parts = {}
+    for at in (step - 1, step):
+        out = OUT / "blame" / f"{run_folder.name}-step{at}"
+        if not (out / "summary.json").exists():
+            args = ["run", "--config", str(run_folder / "config.toml"), f"steps={at}",
+                    "progress=false", f"out={out}"]  # fmt: skip
+            subprocess.run([sys.executable, "-m", "hosfl.cli", *args], env=env, check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+        parts[at] = load_models(checkpoint.load(out / "checkpoint.pt"))
+    cfg, _, _, task = parts[step]
+    test = task.load("test", cfg.test_subset)
+    lines = [f"{run_folder} at step {step} (config: {run_folder / 'config.toml'})",
+             "| client after step | server after step | test accuracy | test loss |",
+             "|---|---|---|---|"]  # fmt: skip
+    for c in (step - 1, step):
+        for s in (step - 1, step):
+            acc, loss = evaluate(parts[c][1], parts[s][2], task, test)
+            lines.append(f"| {c} | {s} | {acc:.4f} | {loss:.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "table"))
+    ap.add_argument("what", choices=("run", "table", "blame"))
+    ap.add_argument("folder", nargs="?", type=Path, help="blame: a run folder")
+    ap.add_argument("step", nargs="?", type=int, help="blame: the step after which it fell")
     ap.add_argument("--only", default="", help="only the runs whose folder name contains this")
     args = ap.parse_args()
     if args.what == "run":
         run(args.only)
+    elif args.what == "blame":
+        if args.folder is None or args.step is None:
+            ap.error("blame needs FOLDER and STEP")
+        print(blame(args.folder, args.step))
+        print(f"\ncommand: python benchmarks/findings.py blame {args.folder} {args.step}")
     else:
         print(table())
         print("\ncommand: python benchmarks/findings.py table "
