@@ -1,18 +1,24 @@
 """The client's zeroth-order step: ``zo_clip`` bounds what one outlier step can do to θ_c;
-``estimator=jvp`` computes the probe scalar exactly by forward-mode differentiation. Both
-replay bit for bit from the journal."""
+``estimator=jvp`` computes the probe scalar exactly by forward-mode differentiation;
+``zo_lr_rule=output`` sets the rate from how far the probes move the cut layer. All replay bit
+for bit from the journal."""
 
+import json
 import math
+import statistics
 
 import pytest
 import torch
 from conftest import journal_entries
 from torch import nn
 
-from hosfl import zo
-from hosfl.protocol import ScalarBroadcast
+from hosfl import checkpoint, zo
+from hosfl.config import ConfigError
+from hosfl.data import source
+from hosfl.methods.hosfl import HOSFL, Rate
+from hosfl.protocol import ProbeReport, ProbeScalars, ScalarBroadcast
 from hosfl.replay import replay_run
-from hosfl.runner import build, run
+from hosfl.runner import build, load_models, run
 
 
 def test_an_outlier_step_moves_theta_c_no_more_than_the_clip_allows(small_cfg):
@@ -132,3 +138,75 @@ def test_jvp_goes_through_attention():
         value = zo.project(lam, zo.jvp(model, x, 3, 1.0, "rademacher"))
     exact = float(g @ _directions(model, 3, "rademacher"))
     assert value == pytest.approx(exact, rel=1e-4)
+
+
+def test_the_output_rate_takes_the_warmup_median_and_never_exceeds_the_cap():
+    rate = Rate(target=0.02, base=0.05, mu=1e-3, warmup=3)
+    sizes = torch.full((2,), 1e-3)
+    # moved = √(Σ v̄²r²) = 1e-3·‖v̄‖; the rate for 2 % is 0.02·P·μ²/moved = 4e-8/(1e-3·‖v̄‖)
+    for norm, want in ((4e-3, 1e-2), (2e-3, 1.5e-2), (8e-3, 1e-2)):  # medians 1e-2, 1.5e-2, 1e-2
+        v = torch.tensor([norm, 0.0])
+        assert torch.allclose(rate.scale(v, sizes).double(), v.double() * want / 0.05)
+    later = torch.tensor([1e-6, 0.0])  # after the warm-up the rate stays
+    assert torch.allclose(rate.scale(later, sizes).double(), later.double() * 1e-2 / 0.05)
+    assert rate.rate() == pytest.approx(1e-2) and len(rate.seen) == 3
+    capped = Rate(target=0.02, base=0.05, mu=1e-3, warmup=3)
+    tiny = torch.tensor([1e-9, 0.0])  # the rate for 2 % would be 40: the first-order 0.05 caps it
+    assert torch.equal(capped.scale(tiny, sizes), tiny) and capped.rate() == 0.05
+
+
+def test_the_output_rule_moves_the_cut_layer_by_about_its_target(small_cfg):
+    cfg = small_cfg(zo_lr_rule="output", zo_step=0.02, steps=30, eval_every=30, sampled=3)
+    result = run(cfg, log=lambda *a: None)
+    assert replay_run(result.out).identical  # the journal holds the scaled v̄
+    rate = json.loads((result.out / "summary.json").read_text())["client_lr"]
+    assert 0 < rate < cfg.client_lr
+    # replay the run and measure each step's change of the cut layer on test images
+    _, client, server, task = load_models(checkpoint.load(result.out / "client_init.pt"))
+    replica = HOSFL(cfg, client, server, task).replica
+    x, _ = next(source.batches(task.load("test", 64), 64))
+    rho, z = [], client(x).detach()
+    with torch.no_grad():
+        for seeds, values in journal_entries(result.out):
+            zo.apply_update_(replica.params, seeds, values, cfg.mu, replica.optimizer,
+                             cfg.directions)  # fmt: skip
+            z_next = client(x)
+            rho.append(float((z_next - z).norm() / z.norm()))
+            z = z_next
+    # the warm-up's steps aim at 2 %; later steps take the warm-up's rate, whatever they move
+    assert 0.01 < statistics.median(rho[:20]) < 0.04, rho
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (lambda v: ProbeScalars(0, v), "expected the probes' sizes"),
+        (lambda v: ProbeReport(0, v, torch.ones(2)), "probe sizes >= 0"),
+        (lambda v: ProbeReport(0, v, -torch.ones(3)), "probe sizes >= 0"),
+    ],
+)
+def test_the_output_rule_drops_a_client_without_valid_sizes(small_cfg, bad, reason):
+    fed, _, _ = build(small_cfg(clients=4, sampled=3, zo_lr_rule="output"))
+    sampled, plan = fed.server.plan(0)
+    honest = {m: fed.clients[m].handle(plan) for m in sampled}
+    lams, _ = fed.server.train(honest, 0)
+    replies = {m: fed.clients[m].handle(lams[m]) for m in sampled}
+    assert all(isinstance(r, ProbeReport) and bool((r.sizes > 0).all()) for r in replies.values())
+    replies[sampled[0]] = bad(replies[sampled[0]].values)
+    admitted = fed.server.admit(replies, 0, ProbeScalars)
+    assert sorted(admitted) == sorted(sampled[1:])
+    (rejection,) = fed.server.rejections
+    assert rejection["client"] == sampled[0] and reason in rejection["reason"], rejection
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(zo_lr_rule="output", client_optimizer="adam"), "client_optimizer=sgd"),
+        (dict(zo_lr_rule="output", method="sfl-v1"), "method=hosfl"),
+        (dict(zo_step=1.5), "zo_step"),
+    ],
+)
+def test_the_output_rule_refuses_what_it_cannot_size(small_cfg, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        small_cfg(**settings)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hosfl.protocol import (
     CutGradient,
     ModelWeights,
+    ProbeReport,
     ProbeScalars,
     ProtocolError,
     ScalarBroadcast,
@@ -28,6 +29,7 @@ def _examples():
         SmashedData(3, torch.randn(4, 8, 7, 7, generator=g), torch.tensor([0, 9, 2, 3])),
         CutGradient(3, torch.randn(4, 8, 7, 7, generator=g)),
         ProbeScalars(3, torch.randn(5, generator=g)),
+        ProbeReport(3, torch.randn(5, generator=g), torch.rand(5, generator=g)),
         ScalarBroadcast(3, torch.arange(5, dtype=torch.int32), torch.randn(5, generator=g)),
         ModelWeights(3, torch.randn(100, generator=g)),
     ]

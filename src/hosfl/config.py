@@ -32,7 +32,7 @@ TLS = ("auto", "on", "off")
 DIRECTIONS = ("gaussian", "rademacher")
 AGGREGATES = ("mean", "median", "trimmed", "clipped")
 LORA = ("none", "client", "server", "both")
-LR_RULES = ("fixed", "dimension")
+LR_RULES = ("fixed", "dimension", "output")
 SIMULATE = ("auto", "batched", "per-client")
 
 
@@ -81,7 +81,12 @@ class Config:
     )
     zo_lr_rule: str = _f(
         "fixed",
-        "zeroth-order client lr: fixed (client_lr) or dimension (zo_lr_scale·P/d_c, <= client_lr)",
+        "zeroth-order client lr: fixed (client_lr), dimension (zo_lr_scale·P/d_c, <= client_lr) "
+        "or output (set from the first 20 steps so that a step changes the cut layer's output "
+        "by zo_step of its size, <= client_lr; hosfl with SGD)",
+    )
+    zo_step: float = _f(
+        0.02, "zo_lr_rule=output: the relative change of the cut layer's output a step aims at"
     )
     zo_lr_scale: float = _f(50.0, "zo_lr_rule=dimension: the constant c of c·P/d_c")
     zo_lr_max: float = _f(
@@ -204,6 +209,15 @@ class Config:
         for key in ("client_lr", "server_lr", "zo_lr_max", "outlier_factor"):
             if not (getattr(self, key) >= 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number >= 0")
+        if not 0 < self.zo_step < 1:
+            raise bad("zo_step", "must be in (0, 1): a fraction of the cut layer's output")
+        if self.zo_lr_rule == "output" and (
+            self.method != "hosfl" or self.client_optimizer != "sgd"
+        ):
+            raise bad(
+                "zo_lr_rule",
+                "output sets an SGD rate from HO-SFL's probes: method=hosfl, client_optimizer=sgd",
+            )
         if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):
             raise bad("zo_clip", "must be 0 (off) or a finite number >= 1")
         if 0 < self.outlier_factor < 2:

@@ -203,6 +203,15 @@ class ProbeScalars(Message, type_id=4):
 
 
 @dataclass(frozen=True)
+class ProbeReport(ProbeScalars, type_id=14):
+    """``ProbeScalars`` with, for ``zo_lr_rule=output``, the size of each probe's change to the
+    cut layer: r_p = ‖f_c(x; θ_c + μ u_p) − z‖ / ‖z‖ (≥ 0), from which the server sets the rate."""
+
+    sizes: torch.Tensor
+    SCHEMA: ClassVar = {"values": Tensor("scalars", F32, 1), "sizes": Tensor("scalars", F32, 1)}
+
+
+@dataclass(frozen=True)
 class ScalarBroadcast(Message, type_id=5):
     """Server -> every client: the step's seeds and averaged scalars v̄; all clients update."""
 

@@ -411,6 +411,7 @@ def _train(
         if journal is not None:
             journal.close()
         bar.close()
+    client_lr = method.client_lr  # zo_lr_rule=output sets it during the run
     summary = {
         "method": cfg.method,
         "engine": cfg.engine,

@@ -36,6 +36,7 @@ from hosfl.protocol import (
     CutGradient,
     Message,
     ModelWeights,
+    ProbeReport,
     ProbeScalars,
     ProtocolError,
     ReplicaState,
@@ -342,6 +343,11 @@ class SplitMethod(Method):
                 return f"labels outside 0..{classes - 1}"
         if isinstance(msg, ProbeScalars) and msg.values.shape != (self.cfg.P,):
             return f"expected {self.cfg.P} probe scalars, got {tuple(msg.values.shape)}"
+        if isinstance(msg, ProbeScalars) and self.cfg.zo_lr_rule == "output":
+            if not isinstance(msg, ProbeReport):
+                return "zo_lr_rule=output: expected the probes' sizes (ProbeReport)"
+            if msg.sizes.shape != (self.cfg.P,) or bool((msg.sizes < 0).any()):
+                return f"expected {self.cfg.P} probe sizes >= 0, got {msg.sizes.tolist()}"
         if isinstance(msg, ModelWeights):
             d = sum(p.numel() for p in zo.trainable(self.client_model))
             if msg.weights.shape != (d,):
@@ -379,7 +385,10 @@ class SplitMethod(Method):
         probe's lowest and highest value, or the mean after scaling each client's P scalars
         down to the median client's norm), in float64, sent as float32. No admissible
         scalars: v̄ = 0, a step that moves no client."""
-        scalars = self.admit(scalars, plan.step, ProbeScalars)
+        return self.average(plan, self.admit(scalars, plan.step, ProbeScalars))
+
+    def average(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
+        """``aggregate`` over replies already admitted."""
         if not scalars:
             return ScalarBroadcast(plan.step, plan.seeds, torch.zeros(len(plan.seeds)))
         v = torch.stack([scalars[c].values.double() for c in sorted(scalars)])

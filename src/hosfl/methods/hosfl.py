@@ -13,6 +13,7 @@ The engine moves the messages; this file only computes.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from hosfl.protocol import (
     CatchUp,
     CutGradient,
     Message,
+    ProbeReport,
     ProbeScalars,
     ProtocolError,
     ReplicaState,
@@ -88,6 +90,51 @@ class Bound:
         if norm > 0:  # a step with no admissible scalars says nothing of their size
             self.seen = (self.seen + [norm])[-self.window :]
         return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = [float(v) for v in state["seen"]]
+
+
+class Rate:
+    """``zo_lr_rule=output``: the client's SGD rate, set at run time so that one step changes
+    the cut layer's output by about ``target`` of its size, with no per-task number.
+
+    Linearly, J_c u_p ≈ (f(θ + μu_p) − f(θ))/μ, so the step Δθ = −(lr/(Pμ)) Σ_p v̄_p u_p moves
+    the output by J_c Δθ ≈ −(lr/(Pμ²)) Σ_p v̄_p (f(θ + μu_p) − f(θ)); with nearly orthogonal
+    probe changes, ‖J_c Δθ‖/‖f(θ)‖ ≈ (lr/(Pμ²))·√(Σ_p v̄_p² r_p²), r_p the size of probe p's
+    change relative to ‖f(θ)‖ (each client reports its P sizes; the server takes the median
+    over clients, so one client cannot set it). The rate giving ``target`` is kept for each of
+    the first ``warmup`` steps; each step uses the median of those seen so far, at most
+    ``cap`` (the first-order rate), and from then on the median of all ``warmup``: SGD's step
+    still shrinks with the gradient. The server scales v̄ by rate / ``base`` (the replicas'
+    SGD rate) before the journal, so the clients, the journal and replay are unchanged.
+
+    Measured (benchmarks/step_size.py, docs/FINDINGS.md): the rates the cut sweeps found good
+    move the output by 1-10 % a step on the vision tasks, and a step of 20 % costs accuracy."""
+
+    def __init__(self, target: float, base: float, mu: float, warmup: int = 20) -> None:
+        self.target, self.base, self.mu, self.warmup = target, base, mu, warmup
+        self.seen: list[float] = []
+
+    def rate(self) -> float:
+        """The rate of the next step (the cap until a step has been sized)."""
+        if not self.seen:
+            return self.base
+        return min(self.base, statistics.median(self.seen))
+
+    def scale(self, values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """v̄ scaled so that the replicas' SGD step at ``base`` is the step at ``rate()``;
+        ``sizes`` (P,) is the median size of each probe's change over the step's clients."""
+        v, r = values.double(), sizes.double()
+        moved = float((v * v * r * r).sum().sqrt())  # ‖output change‖ / ‖f(θ)‖ per unit rate·Pμ²
+        if len(self.seen) < self.warmup and moved > 0:
+            self.seen.append(self.target * len(v) * self.mu**2 / moved)
+        if not self.base:
+            return values
+        return (v * (self.rate() / self.base)).float()
 
     def state_dict(self) -> dict[str, Any]:
         return {"seen": list(self.seen)}
@@ -274,6 +321,20 @@ class Client(ReplicaClient):
             return zo.project(lam, probe)
         return zo.estimate(lam, probe, base)
 
+    def _size(self, probe: torch.Tensor, z: torch.Tensor) -> float:
+        """``zo_lr_rule=output``: r = ‖f(θ + μu) − f(θ)‖ / ‖f(θ)‖ (or ‖μ·J_c u‖ / ‖f(θ)‖)."""
+        norm = float(z.double().norm())
+        if not norm:
+            return 0.0
+        moved = probe if self.cfg.estimator == "jvp" else probe.double() - z.double()
+        return float(moved.double().norm()) / norm
+
+    def _reply(self, step: int, values: list[float], sizes: list[float]) -> ProbeScalars:
+        v = torch.tensor(values, dtype=torch.float32)
+        if self.cfg.zo_lr_rule != "output":
+            return ProbeScalars(step, v)
+        return ProbeReport(step, v, torch.tensor(sizes, dtype=torch.float32))
+
     @torch.no_grad()
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, StepPlan):  # forward pass, smashed data up
@@ -293,9 +354,17 @@ class Client(ReplicaClient):
             self._pending = None
             lam = devices.to(msg.lam, z.device)
             base = zo.project(lam, z)
-            del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
-            values = [self._value(lam, self._probe(x, seed), base) for seed in seeds]
-            return ProbeScalars(step, torch.tensor(values, dtype=torch.float32))
+            sized = self.cfg.zo_lr_rule == "output"  # keeps f(θ) to size each probe's change
+            if not sized:
+                del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
+            values, sizes = [], []
+            for seed in seeds:
+                probe = self._probe(x, seed)
+                values.append(self._value(lam, probe, base))
+                if sized:
+                    sizes.append(self._size(probe, z))
+                del probe
+            return self._reply(step, values, sizes)
         if isinstance(msg, ScalarBroadcast):  # every client applies the same update
             self.replica.apply(msg)
             return None
@@ -350,13 +419,18 @@ class Client(ReplicaClient):
         lead = roles[0]
         lams = [devices.to(m.lam, p[2].device) for m, p in zip(msgs, pending, strict=True)]
         bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
-        del pending  # f(θ) is not needed beyond λᵀ f(θ), as alone
+        # f(θ) is not needed beyond λᵀ f(θ), as alone, but to size each probe's change
+        zs = [p[2] for p in pending] if lead.cfg.zo_lr_rule == "output" else []
+        del pending
         values: list[list[float]] = [[] for _ in roles]
+        moved: list[list[float]] = [[] for _ in roles]
         for seed in seeds:
             zp = lead._probe(x, seed).split(sizes)
             for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
                 values[m].append(lead._value(lam, zm, base))
-        return [ProbeScalars(step, torch.tensor(v, dtype=torch.float32)) for v in values]
+                if zs:
+                    moved[m].append(lead._size(zm, zs[m]))
+        return [lead._reply(step, v, r) for v, r in zip(values, moved, strict=True)]
 
 
 ABSURD = 100.0  # an update moving θ_c by more than this many times |θ_c| is never committed
@@ -375,6 +449,8 @@ class HOSFL(SplitMethod):
         self.replica = Replica(self.replicated(), cfg)
         self.client_holds = self.replica.model
         self.bound = Bound(cfg.zo_clip)
+        base = self.replica.optimizer.param_groups[0]["lr"]
+        self.rate = Rate(cfg.zo_step, base, cfg.mu) if cfg.zo_lr_rule == "output" else None
 
     def replicated(self) -> nn.Module:
         """The model every client holds and moves by (seeds, v̄): the client part."""
@@ -382,6 +458,9 @@ class HOSFL(SplitMethod):
 
     @property
     def client_lr(self) -> float:
+        """The zeroth-order rate the clients step at (``zo_lr_rule=output``: so far)."""
+        if self.rate is not None:
+            return self.rate.rate()
         return self.replica.optimizer.param_groups[0]["lr"]
 
     def client(self, shard: Shard) -> ClientRole:
@@ -390,8 +469,10 @@ class HOSFL(SplitMethod):
         return self.client_class(shard, self.replica, self.cfg)
 
     def stateful(self) -> dict[str, Any]:
-        clip = {"zo_clip": self.bound} if self.cfg.zo_clip else {}  # older checkpoints: none
-        return {**super().stateful(), "replica": self.replica, **clip}
+        # older checkpoints hold neither
+        clip = {"zo_clip": self.bound} if self.cfg.zo_clip else {}
+        rate = {"zo_rate": self.rate} if self.rate is not None else {}
+        return {**super().stateful(), "replica": self.replica, **clip, **rate}
 
     def synced(self) -> Synced:
         """The server's record of θ_c: its next step and digest."""
@@ -431,8 +512,12 @@ class HOSFL(SplitMethod):
         clients, plan = self.plan(t)
         smashed = engine.ask({m: plan for m in clients})
         lams, loss = self.train(smashed, t)
-        scalars = engine.ask(lams)
-        update = self.aggregate(plan, scalars)
-        update = ScalarBroadcast(update.step, update.seeds, self.bound.clip(update.values))
+        scalars = self.admit(engine.ask(lams), t, ProbeScalars)
+        update = self.average(plan, scalars)
+        values = self.bound.clip(update.values)
+        if self.rate is not None and scalars:
+            sizes = torch.stack([scalars[c].sizes for c in sorted(scalars)]).median(dim=0).values
+            values = self.rate.scale(values, sizes)
+        update = ScalarBroadcast(update.step, update.seeds, values)
         self.commit(update, engine)
         return loss, update
