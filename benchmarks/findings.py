@@ -4,6 +4,7 @@ task and cut the client estimator is judged on, three seeds each, evaluated ever
     python benchmarks/findings.py run [--only TEXT]   # the runs not finished yet, one by one
     python benchmarks/findings.py table               # the Markdown table from the run folders
     python benchmarks/findings.py blame FOLDER STEP   # which side's step made an evaluation fall
+    python benchmarks/findings.py swings TASK CUT     # do the methods' evaluations swing alike
 
 Runs are written to benchmarks/results/findings/<task>-<cut>-<name>-seed<S> (a folder that
 holds a checkpoint but no summary is resumed; a finished one is skipped), each on one torch
@@ -125,6 +126,36 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def swings(task: str, cut: str) -> str:
+    """How alike the methods' evaluation-to-evaluation changes are on one task and cut (same
+    seeds, so the same clients and batches at every step): the correlation of the changes after
+    the first quarter of the runs, over the seeds both have finished."""
+    names = [n for n, _, _ in METHODS]
+    changes: dict[str, dict[tuple[int, int], float]] = {}
+    for name in names:
+        for seed in SEEDS:
+            f = folder(task, cut, name, seed)
+            if not (f / "summary.json").exists():
+                continue
+            evals = _evals(f)
+            quarter = json.loads((f / "summary.json").read_text())["steps"] / 4
+            for (_, a), (s2, b) in pairwise(evals):
+                if s2 > quarter:
+                    changes.setdefault(name, {})[(seed, s2)] = b - a
+    done = [n for n in names if n in changes]
+    lines = [f"{task}, {cut}: correlation of the evaluation-to-evaluation changes",
+             "| | " + " | ".join(done) + " |", "|---|" + "---|" * len(done)]  # fmt: skip
+    for a in done:
+        row = []
+        for b in done:
+            keys = sorted(changes[a].keys() & changes[b].keys())
+            x = [changes[a][k] for k in keys]
+            y = [changes[b][k] for k in keys]
+            row.append(f"{statistics.correlation(x, y):.2f}" if len(keys) > 2 else "–")
+        lines.append(f"| {a} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def blame(run_folder: Path, step: int) -> str:
     """Which part's update at ``step`` moved the test accuracy: the run is redone (same config
     and seed, so the same steps) to step − 1 and to step, and the test set is evaluated with
@@ -158,22 +189,25 @@ def blame(run_folder: Path, step: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "table", "blame"))
-    ap.add_argument("folder", nargs="?", type=Path, help="blame: a run folder")
-    ap.add_argument("step", nargs="?", type=int, help="blame: the step after which it fell")
+    ap.add_argument("what", choices=("run", "table", "blame", "swings"))
+    ap.add_argument("folder", nargs="?", help="blame: a run folder; swings: a task")
+    ap.add_argument("step", nargs="?", help="blame: the step after which it fell; swings: a cut")
     ap.add_argument("--only", default="", help="only the runs whose folder name contains this")
     args = ap.parse_args()
     if args.what == "run":
         run(args.only)
-    elif args.what == "blame":
-        if args.folder is None or args.step is None:
-            ap.error("blame needs FOLDER and STEP")
-        print(blame(args.folder, args.step))
-        print(f"\ncommand: python benchmarks/findings.py blame {args.folder} {args.step}")
-    else:
+    elif args.what == "table":
         print(table())
         print("\ncommand: python benchmarks/findings.py table "
               "(runs: python benchmarks/findings.py run)")  # fmt: skip
+    elif args.folder is None or args.step is None:
+        ap.error(f"{args.what} needs two arguments (blame: FOLDER STEP, swings: TASK CUT)")
+    elif args.what == "blame":
+        print(blame(Path(args.folder), int(args.step)))
+        print(f"\ncommand: python benchmarks/findings.py blame {args.folder} {args.step}")
+    else:
+        print(swings(args.folder, args.step))
+        print(f"\ncommand: python benchmarks/findings.py swings {args.folder} {args.step}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ behind a rate rule that needs no per-task number.
 
 For each task and cut, a short HO-SFL run (default settings, one torch thread) is replayed from
 its journal, and after every step the client's output on a fixed batch of test inputs is
-compared with the output before it: ρ_t = ‖f_c(x; θ_{t+1}) − f_c(x; θ_t)‖ / ‖f_c(x; θ_t)‖.
+compared with the output before it: ρ_t = ‖f_c(x; θ_{t+1}) − f_c(x; θ_t)‖ / ‖f_c(x; θ_t)‖, and
+the same change against the output centred over the batch (each feature's batch mean
+removed: large constant features no longer hide how far the examples move).
 For small steps ρ is proportional to the rate, so ρ at any other rate r is ρ · r / rate; the
 table prints it for the rates given with --rates (the rates the cut sweeps measured).
 
@@ -56,16 +58,18 @@ def measure(case: str, steps: int, batch: int = 64) -> tuple[int, float, list[fl
         entries = list(journal.entries(0, journal.end, cfg.P))
     finally:
         journal.close()
-    rho = []
+    rho, centred = [], []
     with torch.no_grad():
-        z = client(x)
+        z = client(x).double()
         for seeds, values in entries:
             zo.apply_update_(replica.params, seeds.tolist(), values.tolist(), cfg.mu,
                              replica.optimizer, cfg.directions)  # fmt: skip
-            z_next = client(x)
-            rho.append(float((z_next - z).double().norm() / z.double().norm()))
+            z_next = client(x).double()
+            moved = float((z_next - z).norm())
+            rho.append(moved / float(z.norm()))
+            centred.append(moved / float((z - z.mean(0, keepdim=True)).norm()))
             z = z_next
-    return replica.size, replica.optimizer.param_groups[0]["lr"], rho
+    return replica.size, replica.optimizer.param_groups[0]["lr"], rho, centred
 
 
 def main() -> None:
@@ -78,13 +82,17 @@ def main() -> None:
     for item in filter(None, args.rates.split(",")):
         case, _, values = item.partition("=")
         rates[case] = [float(r) for r in values.split("/")]
-    print("| task, cut | d_c | rate | median ρ per step | ρ at other rates |")
-    print("|---|---|---|---|---|")
+    print("| task, cut | d_c | rate | median ρ per step | ρ at other rates | "
+          "median ρ against the centred output | at other rates |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
-        d, lr, rho = measure(case, args.steps)
-        med = statistics.median(rho)
-        scaled = ", ".join(f"{r:.2g}: {med * r / lr:.2g}" for r in rates.get(case, []))
-        print(f"| {case.replace(':', ', ')} | {d:,} | {lr:.2g} | {med:.3g} | {scaled or '–'} |")
+        d, lr, rho, centred = measure(case, args.steps)
+        row = [case.replace(":", ", "), f"{d:,}", f"{lr:.2g}"]
+        for values in (rho, centred):
+            med = statistics.median(values)
+            scaled = ", ".join(f"{r:.2g}: {med * r / lr:.2g}" for r in rates.get(case, []))
+            row += [f"{med:.3g}", scaled or "–"]
+        print(f"| {' | '.join(row)} |")
     print(f"\ncommand: python benchmarks/step_size.py --steps {args.steps} --cases {args.cases}"
           + (f" --rates {args.rates}" if args.rates else ""))  # fmt: skip
 
