@@ -47,7 +47,7 @@ METHODS = [
     ("hosfl-clip3", ["method=hosfl", "zo_clip=3"], ()),
     ("hosfl-jvp", ["method=hosfl", "estimator=jvp"], ()),
     ("hosfl-lora", ["method=hosfl", "lora=client"], ("sentiment-minilm",)),
-    ("hosfl-out1", ["method=hosfl", "zo_lr_rule=output", "zo_step=0.01"], ()),
+    ("hosfl-out", ["method=hosfl", "zo_lr_rule=output"], ()),
 ]
 
 

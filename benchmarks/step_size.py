@@ -10,6 +10,9 @@ For small steps ρ is proportional to the rate, so ρ at any other rate r is ρ 
 table prints it for the rates given with --rates (the rates the cut sweeps measured).
 
     python benchmarks/step_size.py [--steps 20] [--cases fmnist-cnn:conv2,...]
+
+A case is task:cut, optionally followed by :key=value settings
+(sentiment-minilm:encoder.5:lora=client).
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ CASES = {
 
 def measure(case: str, steps: int, batch: int = 64) -> tuple[int, float, list[float]]:
     """(d_c, the run's zeroth-order rate, ρ_t for t = 1..steps)."""
-    task, cut = case.split(":")
-    out = OUT / f"{task}-{cut}"
+    task, cut, *extra = case.split(":")
+    out = OUT / "-".join([task, cut, *extra])
     if not (out / "summary.json").exists():
-        args = ["run", f"task={task}", f"cut={cut}", "method=hosfl", *CASES.get(case, []),
+        args = ["run", f"task={task}", f"cut={cut}", "method=hosfl", *extra,
+                *CASES.get(f"{task}:{cut}", []),
                 f"steps={steps}", "eval_every=0", "progress=false", f"out={out}"]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "hosfl.cli", *args], env=env, check=True,
@@ -75,7 +79,7 @@ def measure(case: str, steps: int, batch: int = 64) -> tuple[int, float, list[fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cases", default=",".join(CASES), help="task:cut,...")
+    ap.add_argument("--cases", default=",".join(CASES), help="task:cut[:key=value...],...")
     ap.add_argument("--rates", default="", help="task:cut=r1/r2,... rates to scale ρ to")
     args = ap.parse_args()
     rates: dict[str, list[float]] = {}

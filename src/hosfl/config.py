@@ -83,10 +83,10 @@ class Config:
         "fixed",
         "zeroth-order client lr: fixed (client_lr), dimension (zo_lr_scale·P/d_c, <= client_lr) "
         "or output (set from the first 20 steps so that a step changes the cut layer's output "
-        "by zo_step of its size, <= client_lr; hosfl with SGD)",
+        "by zo_step·√(P/d_c) of its size, <= client_lr; hosfl with SGD)",
     )
     zo_step: float = _f(
-        0.02, "zo_lr_rule=output: the relative change of the cut layer's output a step aims at"
+        2.0, "zo_lr_rule=output: c in the step's relative change of the cut layer, c·√(P/d_c)"
     )
     zo_lr_scale: float = _f(50.0, "zo_lr_rule=dimension: the constant c of c·P/d_c")
     zo_lr_max: float = _f(
@@ -209,8 +209,8 @@ class Config:
         for key in ("client_lr", "server_lr", "zo_lr_max", "outlier_factor"):
             if not (getattr(self, key) >= 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number >= 0")
-        if not 0 < self.zo_step < 1:
-            raise bad("zo_step", "must be in (0, 1): a fraction of the cut layer's output")
+        if not 0 < self.zo_step < float("inf"):
+            raise bad("zo_step", "must be a finite number > 0")
         if self.zo_lr_rule == "output" and (
             self.method != "hosfl" or self.client_optimizer != "sgd"
         ):
