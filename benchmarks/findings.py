@@ -48,6 +48,7 @@ METHODS = [
     ("hosfl-jvp", ["method=hosfl", "estimator=jvp"], ()),
     ("hosfl-lora", ["method=hosfl", "lora=client"], ("sentiment-minilm",)),
     ("hosfl-out", ["method=hosfl", "zo_lr_rule=output"], ()),
+    ("hosfl-lora-out", ["method=hosfl", "lora=client", "zo_lr_rule=output"], ("sentiment-minilm",)),
 ]
 
 

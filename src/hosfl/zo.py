@@ -224,6 +224,17 @@ def project(lam: torch.Tensor, z: torch.Tensor) -> float:
     return float(total)
 
 
+def distance(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """‖a − b‖ (‖a‖ without b), in float64 one slice at a time, as ``project``."""
+    a = a.reshape(-1)
+    b = None if b is None else b.reshape(-1)
+    total = sum(
+        (a[i:j].double() - (0 if b is None else b[i:j].double())).square().sum()
+        for i, j in _slices(a.numel(), _DOT_SLICE)
+    )
+    return math.sqrt(float(total))
+
+
 def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, base: float) -> float:
     """The probe scalar v = λᵀ (f(θ + μu) − f(θ)) = λᵀ f(θ + μu) − ``base``, base = λᵀ f(θ).
 

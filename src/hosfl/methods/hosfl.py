@@ -327,11 +327,12 @@ class Client(ReplicaClient):
 
     def _size(self, probe: torch.Tensor, z: torch.Tensor) -> float:
         """``zo_lr_rule=output``: r = ‖f(θ + μu) − f(θ)‖ / ‖f(θ)‖ (or ‖μ·J_c u‖ / ‖f(θ)‖)."""
-        norm = float(z.double().norm())
+        norm = zo.distance(z)
         if not norm:
             return 0.0
-        moved = probe if self.cfg.estimator == "jvp" else probe.double() - z.double()
-        return float(moved.double().norm()) / norm
+        if self.cfg.estimator == "jvp":
+            return zo.distance(probe) / norm
+        return zo.distance(probe, z) / norm
 
     def _reply(self, step: int, values: list[float], sizes: list[float]) -> ProbeScalars:
         v = torch.tensor(values, dtype=torch.float32)
