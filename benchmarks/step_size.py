@@ -43,8 +43,9 @@ CASES = {
 }
 
 
-def measure(case: str, steps: int, batch: int = 64) -> tuple[int, float, list[float]]:
-    """(d_c, the run's zeroth-order rate, ρ_t for t = 1..steps)."""
+def measure(case: str, steps: int, batch: int = 64) -> tuple[int, float, list[float], list[float]]:
+    """(d_c, the run's zeroth-order rate, ρ_t for t = 1..steps, the same against the centred
+    output)."""
     task, cut, *extra = case.split(":")
     out = OUT / "-".join([task, cut, *extra])
     if not (out / "summary.json").exists():

@@ -208,7 +208,7 @@ class ProbeReport(ProbeScalars, type_id=14):
     cut layer: r_p = ‖f_c(x; θ_c + μ u_p) − z‖ / ‖z‖ (≥ 0), from which the server sets the rate."""
 
     sizes: torch.Tensor
-    SCHEMA: ClassVar = {"values": Tensor("scalars", F32, 1), "sizes": Tensor("scalars", F32, 1)}
+    SCHEMA: ClassVar = {**ProbeScalars.SCHEMA, "sizes": Tensor("scalars", F32, 1)}
 
 
 @dataclass(frozen=True)

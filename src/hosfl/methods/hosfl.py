@@ -325,9 +325,9 @@ class Client(ReplicaClient):
             return zo.project(lam, probe)
         return zo.estimate(lam, probe, base)
 
-    def _size(self, probe: torch.Tensor, z: torch.Tensor) -> float:
-        """``zo_lr_rule=output``: r = ‖f(θ + μu) − f(θ)‖ / ‖f(θ)‖ (or ‖μ·J_c u‖ / ‖f(θ)‖)."""
-        norm = zo.distance(z)
+    def _size(self, probe: torch.Tensor, z: torch.Tensor, norm: float) -> float:
+        """``zo_lr_rule=output``: r = ‖f(θ + μu) − f(θ)‖ / ‖f(θ)‖ (or ‖μ·J_c u‖ / ‖f(θ)‖);
+        ``norm`` is ‖f(θ)‖, taken once a step."""
         if not norm:
             return 0.0
         if self.cfg.estimator == "jvp":
@@ -360,6 +360,7 @@ class Client(ReplicaClient):
             lam = devices.to(msg.lam, z.device)
             base = zo.project(lam, z)
             sized = self.cfg.zo_lr_rule == "output"  # keeps f(θ) to size each probe's change
+            norm = zo.distance(z) if sized else 0.0
             if not sized:
                 del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
             values, sizes = [], []
@@ -367,7 +368,7 @@ class Client(ReplicaClient):
                 probe = self._probe(x, seed)
                 values.append(self._value(lam, probe, base))
                 if sized:
-                    sizes.append(self._size(probe, z))
+                    sizes.append(self._size(probe, z, norm))
                 del probe
             return self._reply(step, values, sizes)
         if isinstance(msg, ScalarBroadcast):  # every client applies the same update
@@ -426,6 +427,7 @@ class Client(ReplicaClient):
         bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
         # f(θ) is not needed beyond λᵀ f(θ), as alone, but to size each probe's change
         zs = [p[2] for p in pending] if lead.cfg.zo_lr_rule == "output" else []
+        norms = [zo.distance(zm) for zm in zs]
         del pending
         values: list[list[float]] = [[] for _ in roles]
         moved: list[list[float]] = [[] for _ in roles]
@@ -434,7 +436,7 @@ class Client(ReplicaClient):
             for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
                 values[m].append(lead._value(lam, zm, base))
                 if zs:
-                    moved[m].append(lead._size(zm, zs[m]))
+                    moved[m].append(lead._size(zm, zs[m], norms[m]))
         return [lead._reply(step, v, r) for v, r in zip(values, moved, strict=True)]
 
 
