@@ -41,6 +41,14 @@ def history(steps: int, probes: int = 5):
         yield seeds, [float(v) for v in rng.standard_normal(probes).astype(np.float32) * 1e-3]
 
 
+def directions(kind: str):
+    """A direction kind by name; ``lowrank`` at rank 2 with a basis every 5 steps (the
+    parameters' matrices here have 5 to 19 columns)."""
+    from hosfl import zo
+
+    return zo.Directions("lowrank", rank=2, lazy=5) if kind == "lowrank" else kind
+
+
 def worker(kind: str, optimizer: str, exact: bool, steps: int) -> str:
 
     from hosfl import zo
@@ -53,7 +61,7 @@ def worker(kind: str, optimizer: str, exact: bool, steps: int) -> str:
         opt = zo.ExactOptimizer(ps, name, lr, momentum)
     else:
         opt = make_optimizer(name, ps, lr, momentum)
-    zo.replay_(ps, history(steps), 1e-3, opt, kind)
+    zo.replay_(ps, history(steps), 1e-3, opt, directions(kind))
     return hashlib.sha256(b"".join(p.numpy().tobytes() for p in ps)).hexdigest()
 
 
@@ -86,9 +94,11 @@ def cost(repeat: int = 5) -> list[dict]:
         ps = zo.trainable(client)
         d = sum(p.numel() for p in ps)
         seeds, values = next(history(1))
+        lowrank = zo.Directions("lowrank", rank=4, lazy=50)
         for label, kind, exact in (("today, gaussian", "gaussian", False),
                                    ("today, rademacher", "rademacher", False),
-                                   ("exact, rademacher", "rademacher", True)):  # fmt: skip
+                                   ("exact, rademacher", "rademacher", True),
+                                   ("exact, lowrank r=4", lowrank, True)):  # fmt: skip
             opt = zo.ExactOptimizer(ps, "sgd", 1e-9) if exact else make_optimizer("sgd", ps, 1e-9)
             times = []
             with torch.no_grad():
@@ -114,7 +124,7 @@ def main() -> None:
     found = levels()
     rows = []
     for exact in (False, True):
-        for kind in ("gaussian", "rademacher"):
+        for kind in ("gaussian", "rademacher", "lowrank"):
             for optimizer in OPTIMIZERS:
                 digests = {lv: digest_under(lv, kind, optimizer, exact, args.steps) for lv in found}
                 rows.append({"update": "exact" if exact else "today (torch.optim)", "kind": kind,

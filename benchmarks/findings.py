@@ -49,6 +49,8 @@ METHODS = [
     ("hosfl-lora", ["method=hosfl", "lora=client"], ("sentiment-minilm",)),
     ("hosfl-out", ["method=hosfl", "zo_lr_rule=output"], ()),
     ("hosfl-lora-out", ["method=hosfl", "lora=client", "zo_lr_rule=output"], ("sentiment-minilm",)),
+    ("hosfl-lowrank", ["method=hosfl", "directions=lowrank"], ()),
+    ("hosfl-lowrank-out", ["method=hosfl", "directions=lowrank", "zo_lr_rule=output"], ()),
 ]
 
 

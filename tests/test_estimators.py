@@ -1,7 +1,8 @@
 """The client's zeroth-order step: ``zo_clip`` bounds what one outlier step can do to θ_c;
 ``estimator=jvp`` computes the probe scalar exactly by forward-mode differentiation;
-``zo_lr_rule=output`` sets the rate from how far the probes move the cut layer. All replay bit
-for bit from the journal."""
+``zo_lr_rule=output`` sets the rate from how far the probes move the cut layer;
+``directions=lowrank`` draws each matrix's direction in a rank-r basis kept for ``zo_lazy``
+steps. All replay bit for bit from the journal."""
 
 import json
 import math
@@ -72,7 +73,10 @@ def _directions(model, seed, kind):
                       for i, p in enumerate(zo.trainable(model))])  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+LOWRANK = zo.Directions("lowrank", rank=1, lazy=1, salt=3)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", LOWRANK.at(5)])
 def test_jvp_equals_autograds_directional_derivative(kind):
     model, x = _mlp()
     lam = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -84,22 +88,25 @@ def test_jvp_equals_autograds_directional_derivative(kind):
         assert value == pytest.approx(exact, rel=1e-12, abs=1e-15)
 
 
-def test_the_jvp_estimate_is_unbiased_and_its_error_falls_like_one_over_sqrt_n():
+@pytest.mark.parametrize("kind", ["rademacher", LOWRANK])
+def test_the_jvp_estimate_is_unbiased_and_its_error_falls_like_one_over_sqrt_n(kind):
     model, x = _mlp()
     lam = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     g = _true_grad(model, x, lam)
     mu = 1e-3
     terms = []
-    for seed in range(4000):  # ĝ = v u / μ with v = λᵀ(μ J u): one probe each
-        u = _directions(model, seed, "rademacher")
+    for seed in range(4000):  # ĝ = v u / μ with v = λᵀ(μ J u): one probe each, one a step
+        how = kind.at(seed) if isinstance(kind, zo.Directions) else kind
+        u = _directions(model, seed, how)
         with torch.no_grad():
-            terms.append(zo.project(lam, zo.jvp(model, x, seed, mu, "rademacher")) / mu * u)
+            terms.append(zo.project(lam, zo.jvp(model, x, seed, mu, how)) / mu * u)
     terms = torch.stack(terms)
     errors = {n: float((terms[:n].mean(0) - g).norm() / g.norm()) for n in (250, 4000)}
     # 16 times the estimates: the relative error about 4 times smaller (loosely: 2.5)
     assert errors[4000] < errors[250] / 2.5
-    # Var[ĝ_i] = ‖g‖² − g_i² for ±1 directions: the mean is within 4.5 sd of g
-    sd = ((g.pow(2).sum() - g.pow(2)) / len(terms)).sqrt()
+    # each coordinate's mean is within 4.5 standard errors of g (measured spread: the
+    # low-rank directions' ĝ has other variances than ±1's ‖g‖² − g_i²)
+    sd = terms.std(0) / math.sqrt(len(terms))
     assert ((terms.mean(0) - g).abs() < 4.5 * sd + 1e-12).all()
 
 
@@ -115,6 +122,42 @@ def test_a_jvp_run_learns_and_replays_bit_for_bit(small_cfg, tmp_path):
     assert 0 < (a - b).norm() < 0.5 * b.norm()
     assert jvp.accuracy > 0.3
     assert replay_run(jvp.out).identical
+
+
+def test_lowrank_directions_keep_one_basis_for_zo_lazy_steps():
+    how = zo.Directions("lowrank", rank=2, lazy=3, salt=7)
+    w = torch.zeros(6, 4, 3)  # a convolution-shaped weight, read as a 6 × 12 matrix
+
+    def u(seed, step, salted=how):
+        return zo.direction(seed, 0, w, salted.at(step)).reshape(6, -1)
+
+    def rank(*us):
+        return int(torch.linalg.matrix_rank(torch.cat(us)))
+
+    assert rank(u(1, 0), u(2, 2)) == 2  # steps 0-2 share V: every row in its span
+    assert rank(u(1, 0), u(2, 3)) == 4  # step 3 draws another
+    assert not torch.equal(u(1, 0), u(1, 0, zo.Directions("lowrank", 2, 3, salt=8)))
+    assert set((u(1, 0) * math.sqrt(2)).round().unique().tolist()) <= {-2.0, 0.0, 2.0}
+    many = torch.stack([u(s, s) for s in range(300)])
+    assert float(many.pow(2).mean()) == pytest.approx(1.0, abs=0.05)  # E[u²] = 1, as ±1
+    assert set(zo.direction(1, 1, torch.zeros(7), how).unique().tolist()) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match="rank >= 1"):
+        zo.direction(1, 0, w, "lowrank")
+
+
+def test_a_lowrank_run_moves_each_matrix_in_its_basis_learns_and_replays(small_cfg, tmp_path):
+    settings = dict(directions="lowrank", zo_rank=2, zo_lazy=4, eval_every=30)
+    window = run(small_cfg(steps=4, **settings, out=str(tmp_path / "window")),
+                 log=lambda *a: None)  # fmt: skip
+    start = load_models(checkpoint.load(window.out / "client_init.pt"))[1]
+    moved = {n: (p.detach() - dict(start.named_parameters())[n].detach()).flatten(1).double()
+             for n, p in window.client_model.named_parameters() if p.dim() > 1}  # fmt: skip
+    for name, delta in moved.items():  # four steps in one basis: rank 2 where a matrix has more
+        s = torch.linalg.svdvals(delta)
+        assert s[0] > 0 and float(s[2] / s[0]) < 1e-3, (name, s[:4])
+    learned = run(small_cfg(steps=30, **settings, out=str(tmp_path / "run")), log=lambda *a: None)
+    assert learned.accuracy > 0.3
+    assert replay_run(learned.out).identical
 
 
 class _Attention(nn.Module):
@@ -206,8 +249,11 @@ def test_the_output_rule_drops_a_client_without_valid_sizes(small_cfg, bad, reas
         (dict(zo_lr_rule="output", client_optimizer="adam"), "client_optimizer=sgd"),
         (dict(zo_lr_rule="output", method="sfl-v1"), "method=hosfl"),
         (dict(zo_step=0.0), "zo_step"),
+        (dict(directions="lowrank", method="zo-fl"), "lowrank directions are for method=hosfl"),
+        (dict(directions="lowrank", zo_rank=0), "zo_rank"),
+        (dict(directions="lowrank", zo_lazy=0), "zo_lazy"),
     ],
 )
-def test_the_output_rule_refuses_what_it_cannot_size(small_cfg, settings, message):
+def test_settings_the_client_step_cannot_take_are_refused(small_cfg, settings, message):
     with pytest.raises(ConfigError, match=message):
         small_cfg(**settings)

@@ -1,6 +1,6 @@
-"""One θ_c on every machine: with exact directions (rademacher) the replica's update is the same
-bits whichever CPU kernels run it, for every client optimizer, and it is still the optimizer
-it says it is."""
+"""One θ_c on every machine: with exact directions (rademacher, lowrank) the replica's update
+is the same bits whichever CPU kernels run it, for every client optimizer, and it is still the
+optimizer it says it is."""
 
 import os
 import subprocess
@@ -25,12 +25,15 @@ def _levels() -> list[str]:
     return order[: order.index(top) + 1] if top in order else ["default"]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-def test_the_same_history_gives_the_same_bytes_under_every_cpu_capability(optimizer):
+@pytest.mark.parametrize(
+    ("kind", "optimizer"),
+    [("rademacher", "sgd"), ("rademacher", "momentum"), ("rademacher", "adam"), ("lowrank", "sgd")],
+)
+def test_the_same_history_gives_the_same_bytes_under_every_cpu_capability(kind, optimizer):
     digests = {}
     for level in _levels():
         done = subprocess.run(
-            [sys.executable, str(BENCH), "--worker", "rademacher", optimizer, "1", "200"],
+            [sys.executable, str(BENCH), "--worker", kind, optimizer, "1", "200"],
             env={**os.environ, "ATEN_CPU_CAPABILITY": level},
             capture_output=True,
             text=True,

@@ -29,7 +29,7 @@ OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
 ENGINES = ("local", "ray", "net")
 TLS = ("auto", "on", "off")
-DIRECTIONS = ("gaussian", "rademacher")
+DIRECTIONS = ("gaussian", "rademacher", "lowrank")
 AGGREGATES = ("mean", "median", "trimmed", "clipped")
 LORA = ("none", "client", "server", "both")
 LR_RULES = ("fixed", "dimension", "output")
@@ -63,9 +63,12 @@ class Config:
     directions: str = _f(
         "rademacher",
         "probe directions: rademacher (±1 from a counter hash; directions and updates give the "
-        "same bits on every IEEE-754 machine) or gaussian (a CPU generator; NOT exact across "
-        "machines: replicas on another kind of CPU or a GPU drift and are resynced)",
+        "same bits on every IEEE-754 machine), gaussian (a CPU generator; NOT exact across "
+        "machines: replicas on another kind of CPU or a GPU drift and are resynced) or lowrank "
+        "(each matrix's u = U·Vᵀ/√r, ±1 factors, V kept for zo_lazy steps; exact; hosfl)",
     )
+    zo_rank: int = _f(4, "directions=lowrank: the rank r of each matrix's direction U·Vᵀ/√r")
+    zo_lazy: int = _f(50, "directions=lowrank: steps one basis V is kept (LoZO's lazy sampling)")
     estimator: str = _f(
         "fd",
         "hosfl client's probe scalar λᵀ(f(θ+μu) − f(θ)): fd (finite differences, P+1 forwards) "
@@ -188,6 +191,8 @@ class Config:
             "shards_per_client",
             "local_steps",
             "lora_rank",
+            "zo_rank",
+            "zo_lazy",
         ):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
@@ -218,6 +223,8 @@ class Config:
                 "zo_lr_rule",
                 "output sets an SGD rate from HO-SFL's probes: method=hosfl, client_optimizer=sgd",
             )
+        if self.directions == "lowrank" and self.method != "hosfl":
+            raise bad("directions", "lowrank directions are for method=hosfl only")
         if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):
             raise bad("zo_clip", "must be 0 (off) or a finite number >= 1")
         if 0 < self.outlier_factor < 2:

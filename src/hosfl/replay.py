@@ -65,7 +65,7 @@ def _replay(folder: Path) -> ReplayReport:
             ((s.tolist(), v.tolist()) for s, v in entries),
             cfg.mu,
             replica.optimizer,
-            cfg.directions,
+            replica.directions,
         )
     finally:
         journal.close()

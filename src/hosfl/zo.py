@@ -5,9 +5,9 @@
     apply_update_(params, ...)      ĝ = 1/(Pμ) Σ_p v̄_p u_p, one optimizer step on θ
     replay_(params, history, ...)   apply_update_ for every (seeds, v̄) of a history
 
-Directions are never stored: ``direction(seed, i, p)`` regenerates u for parameter i from a
-dedicated CPU ``torch.Generator`` seeded by (seed, i), so every machine gets the same bits and
-no d_c-sized vector ever exists (the largest temporary is one parameter tensor).
+Directions are never stored: ``direction(seed, i, p, how)`` regenerates u for parameter i from
+(seed, i) (and, for low-rank directions, the step: ``Directions``), so every machine gets the
+same bits and no d_c-sized vector ever exists (the largest temporary is one parameter tensor).
 
 Why perturbed() does not add μu to θ and subtract it again, as MeZO does: (θ + μu) − μu is not
 θ in floating point, so every probe would leave rounding drift in θ that a client replaying the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -141,11 +142,62 @@ def round_bf16(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     return out.reshape(w.shape)
 
 
-def direction(seed: int, index: int, like: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:
-    """u shaped like parameter number ``index``, regenerated from ``seed``: N(0, I) from a CPU
-    generator (``gaussian``), or ±1 from a counter hash on the parameter's own device
-    (``rademacher``). Both have E[u uᵀ] = I."""
-    if kind == "rademacher":
+@dataclass(frozen=True)
+class Directions:
+    """How a probe's direction u is drawn, and at which step (``lowrank`` needs the step).
+
+    ``gaussian``: N(0, I) from a CPU generator; ``rademacher``: ±1 from a counter hash on the
+    parameter's own device; ``lowrank``: each matrix's u is U·Vᵀ/√r (a weight of shape
+    (m, ...) read as an m × n matrix, n the product of the other sizes), U (m × r) drawn
+    afresh for every probe and V (n × r) kept for ``lazy`` steps, both ±1 from the counter
+    hash (Chen et al., "Enhancing zeroth-order fine-tuning for language models with low-rank
+    structures" (LoZO), ICLR 2025: low-rank directions, V lazily resampled). Vectors, and
+    matrices with r ≥ min(m, n), get ±1 entries. Each entry of U·Vᵀ is a sum of r products
+    of ±1, an integer exact in float32 whatever the order of the sum, times the float32 1/√r:
+    the same bits on every machine, and E[u_i²] = 1 as for ±1. Over one basis
+    E[u uᵀ] = I ⊗ VVᵀ/r (the step stays in the rows' r-dimensional span of V); over the
+    bases, E[u uᵀ] = I. ``salt`` (the run's seed) makes each run draw its own bases."""
+
+    kind: str = "gaussian"
+    rank: int = 0
+    lazy: int = 1
+    salt: int = 0
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gaussian", "rademacher", "lowrank"):
+            raise ValueError(f"unknown directions {self.kind!r} (gaussian, rademacher, lowrank)")
+        if self.kind == "lowrank" and not (self.rank >= 1 and self.lazy >= 1):
+            raise ValueError(f"lowrank directions need rank >= 1 and lazy >= 1, got {self}")
+
+    @classmethod
+    def of(cls, cfg) -> Directions:
+        """The directions a config asks for (at step 0)."""
+        return cls(cfg.directions, cfg.zo_rank, cfg.zo_lazy, cfg.seed)
+
+    def at(self, step: int) -> Directions:
+        return replace(self, step=step)
+
+    def basis(self, index: int, n: int, device: torch.device) -> torch.Tensor:
+        """V (n × r) of parameter ``index`` for this step's window of ``lazy`` steps."""
+        window = _stream_seed(self.salt, self.step // self.lazy)
+        return rademacher(window, index + (2 << 32), torch.Size((n, self.rank)), device)
+
+
+def direction(
+    seed: int, index: int, like: torch.Tensor, kind: str | Directions = "gaussian"
+) -> torch.Tensor:
+    """u shaped like parameter number ``index``, regenerated from ``seed`` (``Directions``:
+    how; a name is that kind at step 0)."""
+    how = Directions(kind) if isinstance(kind, str) else kind
+    if how.kind == "lowrank" and like.dim() >= 2:
+        m = like.shape[0]
+        n = like.numel() // m
+        if how.rank < min(m, n):
+            u = rademacher(seed, index, torch.Size((m, how.rank)), like.device)
+            uv = u @ how.basis(index, n, like.device).T
+            return uv.mul_(_f32(1 / math.sqrt(how.rank))).reshape(like.shape).to(like.dtype)
+    if how.kind in EXACT_DIRECTIONS:
         return rademacher(seed, index, like.shape, like.device).to(like.dtype)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_stream_seed(seed, index))
@@ -160,7 +212,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 @contextmanager
 def perturbed(
-    model: nn.Module, seed: int, mu: float, kind: str = "gaussian", bf16: bool = False
+    model: nn.Module, seed: int, mu: float, kind: str | Directions = "gaussian", bf16: bool = False
 ) -> Iterator[None]:
     """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched.
     With ``bf16`` (a bfloat16 forward) θ + μu is stochastically rounded to bfloat16."""
@@ -192,7 +244,9 @@ def perturbed(
             h.remove()
 
 
-def jvp(model: nn.Module, x: torch.Tensor, seed: int, mu: float, kind: str) -> torch.Tensor:
+def jvp(
+    model: nn.Module, x: torch.Tensor, seed: int, mu: float, kind: str | Directions
+) -> torch.Tensor:
     """μ·J_c u: the change of f(x; θ) along μ·u(seed), exact to float rounding, by one
     forward-mode pass (``torch.func.jvp``) instead of f(θ + μu) − f(θ). λᵀ of it is the probe
     scalar of ``estimator=jvp``: the same seeds, scalars, journal and update as finite
@@ -243,7 +297,7 @@ def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, base: float) -> float
     return project(lam, z_perturbed) - base
 
 
-EXACT_DIRECTIONS = ("rademacher",)  # directions whose bits, and updates, match on every machine
+EXACT_DIRECTIONS = ("rademacher", "lowrank")  # directions whose bits, and updates, match anywhere
 
 
 def _f32(x: float) -> float:
@@ -362,14 +416,15 @@ def apply_update_(
     scalars: Sequence[float],
     mu: float,
     optimizer: ExactOptimizer | torch.optim.Optimizer,
-    kind: str = "gaussian",
+    kind: str | Directions = "gaussian",
 ) -> None:
     """One optimizer step along ĝ = 1/(Pμ) Σ_p v̄_p u_p, built one parameter at a time.
 
-    With an ``ExactOptimizer`` (a replica whose directions are exact, ``rademacher``) the same
-    bits on every IEEE-754 machine: the coefficients c_p = v̄_p/(Pμ), times −lr for plain SGD,
-    are computed in float64 on the host and rounded once to float32; Σ_p c_p·u_p is accumulated
-    in float64, where each product of a float32 c_p and u_p = ±1 is exact (so a fused
+    With an ``ExactOptimizer`` (a replica whose directions are exact, ``rademacher`` or
+    ``lowrank``) the same bits on every IEEE-754 machine: the coefficients c_p = v̄_p/(Pμ),
+    times −lr for plain SGD, are computed in float64 on the host and rounded once to float32;
+    Σ_p c_p·u_p is accumulated in float64, where each product of a float32 c_p and a float32
+    u_p (±1, or a low-rank entry) is exact (so a fused
     multiply-add gives what a multiply then an add gives) and each addition rounds once, in a
     fixed order; the sum is rounded once to float32, and the optimizer's own operations each
     round once (``ExactOptimizer``). The largest temporaries are one parameter's float64 sum and
@@ -401,7 +456,9 @@ def apply_update_(
 
 
 @torch.no_grad()
-def _exact_update_(params, seeds, scalars, mu, optimizer: ExactOptimizer, kind: str) -> None:
+def _exact_update_(
+    params, seeds, scalars, mu, optimizer: ExactOptimizer, kind: str | Directions
+) -> None:
     scale = -optimizer.param_groups[0]["lr"] if optimizer.folds_lr else 1.0
     coef = [_f32(scale * float(v) / (len(seeds) * mu)) for v in scalars]
     optimizer.begin()
@@ -419,11 +476,14 @@ def replay_(
     history: Iterable[tuple[Sequence[int], Sequence[float]]],
     mu: float,
     optimizer: ExactOptimizer | torch.optim.Optimizer,
-    kind: str = "gaussian",
+    kind: str | Directions = "gaussian",
+    start: int = 0,
 ) -> int:
-    """Bring a client model forward through a (seeds, v̄) history; returns the steps applied."""
+    """Bring a client model forward through a (seeds, v̄) history whose first row is step
+    ``start``; returns the steps applied."""
     n = 0
     for seeds, scalars in history:
-        apply_update_(params, seeds, scalars, mu, optimizer, kind)
+        at = kind.at(start + n) if isinstance(kind, Directions) else kind
+        apply_update_(params, seeds, scalars, mu, optimizer, at)
         n += 1
     return n

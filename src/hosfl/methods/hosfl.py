@@ -158,6 +158,7 @@ class Replica:
         self.params = zo.trainable(model)
         self.cfg = cfg
         lr = zo_lr(cfg, sum(p.numel() for p in self.params), cfg.client_lr)
+        self.directions = zo.Directions.of(cfg)
         if cfg.directions in zo.EXACT_DIRECTIONS:  # the same bits on every machine
             self.optimizer = zo.ExactOptimizer(self.params, cfg.client_optimizer, lr, cfg.momentum)
         else:
@@ -176,7 +177,7 @@ class Replica:
             msg.values.tolist(),
             self.cfg.mu,
             self.optimizer,
-            self.cfg.directions,
+            self.directions.at(msg.step),
         )
         self.step += 1
 
@@ -311,12 +312,13 @@ class Client(ReplicaClient):
         ):
             return self.replica.model(x).float()
 
-    def _probe(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """f(x; θ + μu) (finite differences), or μ·J_c u (``estimator=jvp``)."""
-        cfg = self.cfg
+    def _probe(self, x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        """f(x; θ + μu) (finite differences), or μ·J_c u (``estimator=jvp``), u the
+        direction of ``seed`` at ``step``."""
+        cfg, how = self.cfg, self.replica.directions.at(step)
         if cfg.estimator == "jvp":
-            return zo.jvp(self.replica.model, x, seed, cfg.mu, cfg.directions)
-        with zo.perturbed(self.replica.model, seed, cfg.mu, cfg.directions, self.bf16):
+            return zo.jvp(self.replica.model, x, seed, cfg.mu, how)
+        with zo.perturbed(self.replica.model, seed, cfg.mu, how, self.bf16):
             return self._forward(x)
 
     def _value(self, lam: torch.Tensor, probe: torch.Tensor, base: float) -> float:
@@ -365,7 +367,7 @@ class Client(ReplicaClient):
                 del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
             values, sizes = [], []
             for seed in seeds:
-                probe = self._probe(x, seed)
+                probe = self._probe(x, seed, step)
                 values.append(self._value(lam, probe, base))
                 if sized:
                     sizes.append(self._size(probe, z, norm))
@@ -432,7 +434,7 @@ class Client(ReplicaClient):
         values: list[list[float]] = [[] for _ in roles]
         moved: list[list[float]] = [[] for _ in roles]
         for seed in seeds:
-            zp = lead._probe(x, seed).split(sizes)
+            zp = lead._probe(x, seed, step).split(sizes)
             for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
                 values[m].append(lead._value(lam, zm, base))
                 if zs:
