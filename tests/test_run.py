@@ -167,3 +167,23 @@ def test_the_public_facade_runs_a_federation(tmp_path):
     result = hosfl.run(cfg, log=lambda *a: None)
     assert isinstance(result, hosfl.RunResult) and result.steps == 3
     assert (result.out / "checkpoint.pt").exists()
+
+
+def test_a_cosine_server_schedule_decays_the_server_rate(small_cfg, tmp_path):
+    from hosfl.runner import build
+
+    method = build(small_cfg(method="sfl-v1", server_schedule="cosine", steps=20))[0].server
+    assert method.server_lr(0) == pytest.approx(0.05)
+    assert method.server_lr(10) == pytest.approx(0.025)
+    assert method.server_lr(19) == pytest.approx(0.05 * (1 + np.cos(np.pi * 19 / 20)) / 2)
+    runs = {
+        s: run(small_cfg(method="hosfl", server_schedule=s, steps=20, eval_every=20,
+                         out=str(tmp_path / s)), log=lambda *a: None)  # fmt: skip
+        for s in ("constant", "cosine")
+    }
+    # the same seeds and batches: the journal's first step (before any server rate differs)
+    # agrees, the decayed server ends elsewhere
+    assert _journal(runs["constant"].out)[0] == _journal(runs["cosine"].out)[0]
+    assert not torch.equal(*(next(r.server_model.parameters()) for r in runs.values()))
+    with pytest.raises(ValueError, match="no backprop server"):
+        small_cfg(method="fedavg", server_schedule="cosine")

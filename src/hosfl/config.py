@@ -102,6 +102,11 @@ class Config:
     )
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
     server_lr: float = _f(0.05, "server learning rate")
+    server_schedule: str = _f(
+        "constant",
+        "split methods' backprop server rate: constant (server_lr) or cosine (server_lr·"
+        "(1 + cos(π·t/steps))/2 at step t: the last steps' noise fades)",
+    )
     momentum: float = _f(0.0, "SGD momentum, client and server")
     local_steps: int = _f(1, "local SGD steps per round (fedavg)")
     cut: str = _f("conv2", "cut point: the last layer the client holds")
@@ -223,6 +228,8 @@ class Config:
                 "zo_lr_rule",
                 "output sets an SGD rate from HO-SFL's probes: method=hosfl, client_optimizer=sgd",
             )
+        if self.server_schedule != "constant" and self.method in ("fedavg", "zo-fl", "zo-sfl"):
+            raise bad("server_schedule", f"{self.method} has no backprop server to schedule")
         if self.directions == "lowrank" and self.method != "hosfl":
             raise bad("directions", "lowrank directions are for method=hosfl only")
         if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):
@@ -277,6 +284,7 @@ class Config:
             "client_dtype": ("float32", "bfloat16"),
             "simulate": SIMULATE,
             "server_dtype": ("float32", "bfloat16"),
+            "server_schedule": ("constant", "cosine"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

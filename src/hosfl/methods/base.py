@@ -20,6 +20,7 @@ outside, and built-in methods use nothing a third-party one cannot).
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -377,8 +378,17 @@ class SplitMethod(Method):
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.div_(len(smashed))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.server_lr(step)
         self.optimizer.step()
         return lams, total / len(smashed)
+
+    def server_lr(self, step: int) -> float:
+        """The server's rate at ``step``: ``server_lr``, or its cosine decay over the run
+        (a function of the step alone: a resumed run continues it exactly)."""
+        if self.cfg.server_schedule == "cosine":
+            return self.cfg.server_lr * (1 + math.cos(math.pi * step / self.cfg.steps)) / 2
+        return self.cfg.server_lr
 
     def aggregate(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
         """v̄ over the admitted clients (``cfg.aggregate``: mean, median, the mean without each
