@@ -37,6 +37,8 @@ METHODS = [
     ("hosfl-out", ["method=hosfl", "zo_lr_rule=output"]),
     *((f"hosfl-lr{r:g}", ["method=hosfl", f"client_lr={r:g}"]) for r in RATES),
 ]
+PRIORITY = ["frozen", "sfl-v1", "hosfl-out",
+            *(f"hosfl-lr{r:g}" for r in (0.05, 0.1, 0.025, 0.0125))]  # fmt: skip
 # the findings table's name of the same run, at the widths that are built-in tasks
 SAME = {"frozen": "frozen", "sfl-v1": "sfl-v1", "hosfl-lr0.05": "hosfl", "hosfl-out": "hosfl-out"}
 BUILT_IN = {32: "fmnist-cnn", 72: "fmnist-cnn-wide"}
@@ -70,8 +72,10 @@ def run(only: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                        os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    for width in WIDTHS:
-        for name, settings in METHODS:
+    # the baselines and the output rule at every width first, then the rates from the middle
+    order = sorted(METHODS, key=lambda m: PRIORITY.index(m[0]))
+    for name, settings in order:
+        for width in WIDTHS:
             for seed in SEEDS:
                 out = folder(width, name, seed)
                 if only not in out.name or (out / "summary.json").exists():
