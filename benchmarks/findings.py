@@ -38,7 +38,7 @@ TASKS = [
     ("fmnist-effnet", "blocks.2", []),
     ("fmnist-effnet", "conv_head", []),
 ]
-COS = ("frozen", "sfl-v1", "hosfl")
+SERVER = ("frozen", "sfl-v1", "hosfl")
 # (name, settings, the tasks it runs on (all when empty)): the baselines, today's HO-SFL, and
 # the variants under test
 METHODS = [
@@ -52,10 +52,12 @@ METHODS = [
     ("hosfl-lora-out", ["method=hosfl", "lora=client", "zo_lr_rule=output"], ("sentiment-minilm",)),
     ("hosfl-lowrank", ["method=hosfl", "directions=lowrank"], ()),
     ("hosfl-lowrank-out", ["method=hosfl", "directions=lowrank", "zo_lr_rule=output"], ()),
-    # the server's rate decayed (cosine) under every method: its gain is against the frozen
-    # client and SplitFed V1 with the same schedule
-    *((f"{n}-cos", [f"method={n}", "server_schedule=cosine"], ()) for n in COS),
+    # the server's rate decayed (cosine), or its weights averaged for evaluation, under every
+    # method: the gain is against the frozen client and SplitFed V1 with the same server
+    *((f"{n}-cos", [f"method={n}", "server_schedule=cosine"], ()) for n in SERVER),
+    *((f"{n}-avg", [f"method={n}", "server_average=0.99"], ()) for n in SERVER),
 ]
+SERVER_SUFFIXES = ("-cos", "-avg")
 
 
 def folder(task: str, cut: str, name: str, seed: int) -> Path:
@@ -123,8 +125,8 @@ def table() -> str:
                 drop = max([drop, *(100 * (a - b) for a, b in pairwise(later))])
             finals[name] = final
             gain = "–"
-            cos = "-cos" if name.endswith("-cos") else ""
-            frozen, sfl = f"frozen{cos}", f"sfl-v1{cos}"
+            same = next((x for x in SERVER_SUFFIXES if name.endswith(x)), "")
+            frozen, sfl = f"frozen{same}", f"sfl-v1{same}"
             if name not in (frozen, sfl) and {frozen, sfl} <= finals.keys():
                 lo, hi = statistics.mean(finals[frozen]), statistics.mean(finals[sfl])
                 gain = f"{(statistics.mean(final) - lo) / (hi - lo):.2f}" if hi - lo else "–"

@@ -187,3 +187,31 @@ def test_a_cosine_server_schedule_decays_the_server_rate(small_cfg, tmp_path):
     assert not torch.equal(*(next(r.server_model.parameters()) for r in runs.values()))
     with pytest.raises(ValueError, match="no backprop server"):
         small_cfg(method="fedavg", server_schedule="cosine")
+
+
+def test_a_server_average_changes_what_is_evaluated_and_nothing_that_is_trained(
+    small_cfg, tmp_path
+):
+    from hosfl.runner import build, evaluate_checkpoint
+
+    method = build(small_cfg(method="sfl-v1", server_average=0.9))[0].server
+    before = [a.clone() for a in method.averaged.parameters()]
+    with torch.no_grad():
+        for p in method.model.parameters():
+            p.add_(1.0)
+    method.update_average()  # a ← 0.9·a + 0.1·(a + 1) = a + 0.1
+    for a, b in zip(method.averaged.parameters(), before, strict=True):
+        torch.testing.assert_close(a, b + 0.1)
+    runs = {
+        beta: run(small_cfg(method="hosfl", server_average=beta, steps=20, eval_every=20,
+                            out=str(tmp_path / f"b{beta}")), log=lambda *a: None)  # fmt: skip
+        for beta in (0.0, 0.9)
+    }
+    plain, averaged = runs[0.0], runs[0.9]
+    assert _journal(plain.out) == _journal(averaged.out)  # training never sees the average
+    pairs = zip(plain.server_model.parameters(), averaged.server_model.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert plain.accuracy != averaged.accuracy  # the evaluated server is another one
+    assert evaluate_checkpoint(averaged.out / "checkpoint.pt")[0] == averaged.accuracy
+    with pytest.raises(ValueError, match="server_average"):
+        small_cfg(server_average=1.0)

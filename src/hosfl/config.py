@@ -102,6 +102,11 @@ class Config:
     )
     server_optimizer: str = _f("sgd", f"server optimizer: {', '.join(OPTIMIZERS)}")
     server_lr: float = _f(0.05, "server learning rate")
+    server_average: float = _f(
+        0.0,
+        "split methods: evaluate an exponential average of the server part, a ← β·a + "
+        "(1 − β)·θ_s after each server step (β in [0, 1); 0: off, evaluate θ_s)",
+    )
     server_schedule: str = _f(
         "constant",
         "split methods' backprop server rate: constant (server_lr) or cosine (server_lr·"
@@ -230,6 +235,10 @@ class Config:
             )
         if self.server_schedule != "constant" and self.method in ("fedavg", "zo-fl", "zo-sfl"):
             raise bad("server_schedule", f"{self.method} has no backprop server to schedule")
+        if not 0 <= self.server_average < 1:
+            raise bad("server_average", "must be in [0, 1) (0: off)")
+        if self.server_average and self.method in ("fedavg", "zo-fl", "zo-sfl"):
+            raise bad("server_average", f"{self.method} has no backprop server to average")
         if self.directions == "lowrank" and self.method != "hosfl":
             raise bad("directions", "lowrank directions are for method=hosfl only")
         if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):

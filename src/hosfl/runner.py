@@ -383,7 +383,9 @@ def _train(
             last = t + 1 == cfg.steps
             evaluate_now = last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0)
             if evaluate_now:
-                acc, test_loss = evaluate(fed.client_model, fed.server_model, fed.task, test)
+                acc, test_loss = evaluate(
+                    fed.client_model, fed.server.evaluated_server, fed.task, test
+                )
                 row = {
                     "event": "eval",
                     "step": t + 1,
@@ -458,13 +460,14 @@ def summary_table(result: RunResult) -> str:
 
 def load_models(state: dict) -> tuple[Config, nn.Module, nn.Module, Task]:
     """The config, the (client, server) models a checkpoint describes, weights loaded, and
-    the task."""
+    the task. The server is the part the run evaluates: its average where the run keeps one
+    (``server_average``)."""
     try:
         cfg = Config.from_dict(state["config"], source="checkpoint config").validate()
         task, client, server = tasks.prepare(cfg)
         client.load_state_dict(state["client"])
         if state["server"]:
-            server.load_state_dict(state["server"])
+            server.load_state_dict(state.get("server_average") or state["server"])
     except (ConfigError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         reason = str(e).splitlines()[0]
         raise checkpoint.CheckpointError(f"checkpoint does not fit its task: {reason}") from None

@@ -19,6 +19,7 @@ outside, and built-in methods use nothing a third-party one cannot).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from abc import ABC, abstractmethod
@@ -186,6 +187,12 @@ class Method(ABC):
         """The learning rate the clients' updates use (None: the clients train nothing)."""
         return self.cfg.client_lr
 
+    @property
+    def evaluated_server(self) -> nn.Module:
+        """The server part that evaluations run: the trained one, unless a method keeps an
+        average of it (``server_average``)."""
+        return self.server_model
+
     def stateful(self) -> dict[str, Any]:
         """Objects with ``state_dict``/``load_state_dict`` that a checkpoint must hold;
         ``client`` and ``server`` (the two model parts) always."""
@@ -288,17 +295,41 @@ class SplitMethod(Method):
         self.optimizer = make_optimizer(
             cfg.server_optimizer, server_model.parameters(), cfg.server_lr, cfg.momentum
         )
+        # ``server_average``: an exponential average of θ_s, what evaluations run; training,
+        # λ and the journal never see it
+        self.averaged = (
+            copy.deepcopy(server_model).requires_grad_(False) if cfg.server_average else None
+        )
         self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
         self.bf16 = cfg.server_dtype == "bfloat16"  # z and λ stay float32
         self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
 
     def stateful(self) -> dict[str, Any]:
-        return {
+        held = {
             **super().stateful(),
             "server_optimizer": self.optimizer,
             "smashed_scale": self.scales[SmashedData],
             "scalar_scale": self.scales[ProbeScalars],
         }
+        if self.averaged is not None:
+            held["server_average"] = self.averaged
+        return held
+
+    @property
+    def evaluated_server(self) -> nn.Module:
+        return self.model if self.averaged is None else self.averaged
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """a ← β·a + (1 − β)·θ_s (β = ``server_average``); buffers (BatchNorm statistics)
+        are copied: they are already running averages."""
+        if self.averaged is None:
+            return
+        beta = self.cfg.server_average
+        for a, p in zip(self.averaged.parameters(), self.model.parameters(), strict=True):
+            a.mul_(beta).add_(p, alpha=1 - beta)
+        for a, b in zip(self.averaged.buffers(), self.model.buffers(), strict=True):
+            a.copy_(b)
 
     def admit(self, replies: dict[int, Message], step: int, kind: type) -> dict[int, Message]:
         admitted = super().admit(replies, step, kind)
@@ -381,6 +412,7 @@ class SplitMethod(Method):
         for group in self.optimizer.param_groups:
             group["lr"] = self.server_lr(step)
         self.optimizer.step()
+        self.update_average()
         return lams, total / len(smashed)
 
     def server_lr(self, step: int) -> float:
