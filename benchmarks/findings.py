@@ -6,8 +6,8 @@ task and cut the client estimator is judged on, three seeds each, evaluated ever
     python benchmarks/findings.py blame FOLDER STEP   # which side's step made an evaluation fall
     python benchmarks/findings.py swings TASK CUT     # do the methods' evaluations swing alike
 
-Runs are written to benchmarks/results/findings/<task>-<cut>-<name>-seed<S> (a folder that
-holds a checkpoint but no summary is resumed; a finished one is skipped), each on one torch
+Runs are written to benchmarks/results/findings/<task>-<cut>-<name>-seed<S> (a started folder,
+client_init.pt, without a summary is resumed; a finished one is skipped), each on one torch
 thread, so that the queue can run beside other work. The table gives, per row, the final test
 accuracy and the mean of the last three evaluations (mean ± sd over seeds), the gain
 recovered (HO-SFL − frozen) / (SplitFed V1 − frozen), and the largest drop between two
@@ -86,7 +86,7 @@ def run(only: str) -> None:
                     continue
                 args = (
                     ["resume", str(out)]
-                    if (out / "checkpoint.pt").exists()
+                    if (out / "client_init.pt").exists()
                     else ["run", *command(task, cut, extra, settings, seed), f"out={out}"]
                 )
                 print(f"hosfl {' '.join(args)}", flush=True)

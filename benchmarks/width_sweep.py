@@ -7,7 +7,7 @@ and HO-SFL with ``zo_lr_rule=output``: how the best rate and the gain recovered 
     python benchmarks/width_sweep.py table              # the Markdown table from the run folders
 
 Runs are written to benchmarks/results/width_sweep/c<W>-<name>-seed<S> on one torch thread (a
-folder with a checkpoint but no summary is resumed). Width 32 is ``fmnist-cnn`` and width 72
+folder that was started but holds no summary is resumed). Width 32 is ``fmnist-cnn`` and width 72
 ``fmnist-cnn-wide``: their frozen, SplitFed V1, HO-SFL-at-0.05 and output-rule runs are the
 findings table's (benchmarks/results/findings), the same configs and seeds. The other widths
 are the task ``width_sweep:c<W>`` (this file on PYTHONPATH), which builds the same model with
@@ -82,7 +82,7 @@ def run(only: str) -> None:
                     continue
                 args = (
                     ["resume", str(out)]
-                    if (out / "checkpoint.pt").exists()
+                    if (out / "client_init.pt").exists()
                     else ["run", f"task={task(width)}", "cut=conv2", *settings, f"seed={seed}",
                           "eval_every=100", "progress=false", f"out={out}"]  # fmt: skip
                 )
