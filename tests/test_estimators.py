@@ -88,22 +88,22 @@ def test_jvp_equals_autograds_directional_derivative(kind):
         assert value == pytest.approx(exact, rel=1e-12, abs=1e-15)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", LOWRANK])
-def test_the_jvp_estimate_is_unbiased_and_its_error_falls_like_one_over_sqrt_n(kind):
+@pytest.mark.parametrize(("kind", "n"), [("rademacher", 4000), (LOWRANK, 2000)])
+def test_the_jvp_estimate_is_unbiased_and_its_error_falls_like_one_over_sqrt_n(kind, n):
     model, x = _mlp()
     lam = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     g = _true_grad(model, x, lam)
     mu = 1e-3
     terms = []
-    for seed in range(4000):  # ĝ = v u / μ with v = λᵀ(μ J u): one probe each, one a step
+    for seed in range(n):  # ĝ = v u / μ with v = λᵀ(μ J u): one probe each, one a step
         how = kind.at(seed) if isinstance(kind, zo.Directions) else kind
         u = _directions(model, seed, how)
         with torch.no_grad():
             terms.append(zo.project(lam, zo.jvp(model, x, seed, mu, how)) / mu * u)
     terms = torch.stack(terms)
-    errors = {n: float((terms[:n].mean(0) - g).norm() / g.norm()) for n in (250, 4000)}
+    errors = {k: float((terms[:k].mean(0) - g).norm() / g.norm()) for k in (n // 16, n)}
     # 16 times the estimates: the relative error about 4 times smaller (loosely: 2.5)
-    assert errors[4000] < errors[250] / 2.5
+    assert errors[n] < errors[n // 16] / 2.5
     # each coordinate's mean is within 4.5 standard errors of g (measured spread: the
     # low-rank directions' ĝ has other variances than ±1's ‖g‖² − g_i²)
     sd = terms.std(0) / math.sqrt(len(terms))
