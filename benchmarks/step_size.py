@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from hosfl import checkpoint, methods, zo
+from hosfl import checkpoint, methods
 from hosfl.data import source
 from hosfl.journal import Journal
+from hosfl.protocol import ScalarBroadcast
 from hosfl.runner import load_models
 
 OUT = Path("benchmarks/results/step_size")
@@ -66,9 +67,8 @@ def measure(case: str, steps: int, batch: int = 64) -> tuple[int, float, list[fl
     rho, centred = [], []
     with torch.no_grad():
         z = client(x).double()
-        for seeds, values in entries:
-            zo.apply_update_(replica.params, seeds.tolist(), values.tolist(), cfg.mu,
-                             replica.optimizer, cfg.directions)  # fmt: skip
+        for step, (seeds, values) in enumerate(entries):
+            replica.apply(ScalarBroadcast(step, seeds, values))  # the directions of that step
             z_next = client(x).double()
             moved = float((z_next - z).norm())
             rho.append(moved / float(z.norm()))

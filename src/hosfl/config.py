@@ -233,12 +233,13 @@ class Config:
                 "zo_lr_rule",
                 "output sets an SGD rate from HO-SFL's probes: method=hosfl, client_optimizer=sgd",
             )
-        if self.server_schedule != "constant" and self.method in ("fedavg", "zo-fl", "zo-sfl"):
-            raise bad("server_schedule", f"{self.method} has no backprop server to schedule")
         if not 0 <= self.server_average < 1:
             raise bad("server_average", "must be in [0, 1) (0: off)")
-        if self.server_average and self.method in ("fedavg", "zo-fl", "zo-sfl"):
-            raise bad("server_average", f"{self.method} has no backprop server to average")
+        no_backprop_server = self.method in ("fedavg", "zo-fl", "zo-sfl")
+        for key, on in (("server_schedule", self.server_schedule != "constant"),
+                        ("server_average", self.server_average > 0)):  # fmt: skip
+            if on and no_backprop_server:
+                raise bad(key, f"{self.method} has no backprop server to change")
         if self.directions == "lowrank" and self.method != "hosfl":
             raise bad("directions", "lowrank directions are for method=hosfl only")
         if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):
