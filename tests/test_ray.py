@@ -24,6 +24,10 @@ def cluster():
     # count, so the in-process runs compared with them use one too.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # the client processes import the test tasks by path (test_library:digits_bn), as a
+    # user's workers import theirs
+    here = os.path.dirname(__file__)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -141,14 +145,16 @@ def test_malformed_bytes_from_a_client_process_are_dropped_with_a_reason(small_c
 def test_every_method_gives_the_same_weights_in_process_and_as_ray_processes(
     method, small_cfg, tmp_path
 ):
-    # two client processes, both sampled: a third would only add a process start-up
-    cfg = dict(method=method, clients=2, sampled=2, steps=4, eval_every=4, P=2)
-    if method == "zo-fl":
-        cfg["client_lr"] = 1e-3
+    # two client processes, both sampled: a third would only add a process start-up; a model
+    # with BatchNorm on both sides, whose statistics must come back from the client processes
+    cfg = dict(task="test_library:digits_bn", method=method, clients=2, sampled=2, steps=4,
+               eval_every=4, P=2, batch_size=8, client_lr=0.01)  # fmt: skip
     local = run(small_cfg(**cfg, out=str(tmp_path / "local")), log=lambda *a: None)
     remote = run(small_cfg(**cfg, engine="ray", out=str(tmp_path / "ray")), log=lambda *a: None)
     assert _identical(local.client_model, remote.client_model)
     assert _identical(local.server_model, remote.server_model)
+    moved = bool(local.client_model[1].running_mean.abs().sum())  # trained in train mode
+    assert moved == (method in ("sfl-v1", "sfl-v2", "fedavg")), method
     assert remote.summary["rejected"] == 0
 
     def payload(result):  # Ray adds the Synced replies: framing only

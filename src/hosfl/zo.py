@@ -217,12 +217,13 @@ def perturbed(
     """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched.
     With ``bf16`` (a bfloat16 forward) θ + μu is stochastically rounded to bfloat16."""
     index = {id(p): i for i, p in enumerate(trainable(model))}
-    handles = []
+    handles, swaps = [], []
     for module in model.modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in index]
         if not own:
             continue
         saved: dict[str, torch.Tensor] = {}
+        swaps.append((own, saved))
 
         def swap_in(mod: nn.Module, args: object, own=own, saved=saved) -> None:
             for name, p in own:
@@ -242,6 +243,42 @@ def perturbed(
     finally:
         for h in handles:
             h.remove()
+        for own, saved in swaps:  # a forward that raised never ran its swap back: θ again
+            for name, p in own:
+                if name in saved:
+                    p.data = saved.pop(name)
+
+
+def unperturbable(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The trainable parameters that reach f(x) but that ``perturbed`` cannot perturb: read
+    outside their own module's forward (``F.linear(x, self.lin.weight)``, a ``ParameterDict``
+    indexed in a parent's forward). A probe would see no change from them while the update
+    still moved them: pure noise. One forward with autograd (which parameters f depends on)
+    and one probe (which ones were swapped)."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    swapped: set[int] = set()
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args: swapped.update(id(p) for p in mod.parameters(recurse=False))
+        )
+        for m in model.modules()
+    ]
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            outs = [t.float().sum() for t in (out if isinstance(out, tuple | list) else [out])
+                    if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
+            params = [p for p in model.parameters() if id(p) in names]
+            grads = (torch.autograd.grad(outs, params, allow_unused=True) if outs
+                     else [None] * len(params))  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return [names[id(p)] for p, g in zip(params, grads, strict=True)
+            if g is not None and id(p) not in swapped]  # fmt: skip
 
 
 def jvp(

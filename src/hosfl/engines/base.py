@@ -2,7 +2,8 @@
 this process) and the client roles, counts their bytes, and knows no method.
 
 A method calls only ``ask``, ``tell`` and ``broadcast``; the runner sets
-``before_broadcast`` (the journal commit) and reads the figures after ``close``. A new
+``before_broadcast`` (the journal commit), uses the engine as a context manager (``with
+engine:`` lets its clients go on every path) and reads the figures after ``close``. A new
 engine is one file beside ``local.py`` and ``ray.py`` implementing this Protocol.
 """
 
@@ -35,3 +36,29 @@ class Engine(Protocol):
 
     def client_ms_per_step(self, sampled: int) -> float:
         """Client compute per sampled client per step, in milliseconds."""
+
+    def __enter__(self) -> Engine: ...
+
+    def __exit__(self, *exc: object) -> None:
+        """Let the clients go (processes, a Ray instance, a bound port) on every path."""
+
+
+class Releasing:
+    """``with engine:``: the engine's clients are let go once, however the block ends (a step
+    that raised included); ``close`` at the end of a run lets them go too."""
+
+    _released = False
+
+    def __enter__(self) -> Releasing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release()
+
+    def _release(self) -> None:
+        """Let the clients go (nothing in-process)."""

@@ -17,13 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from hosfl.engines.base import Releasing
 from hosfl.methods.base import ClientRole
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
 from hosfl.metrics.memory import meter
 from hosfl.protocol import Message, ProtocolError, decode, encode
 
 
-class LocalEngine:
+class LocalEngine(Releasing):
     def __init__(
         self,
         clients: Sequence[ClientRole],

@@ -32,6 +32,7 @@ import torch
 
 from hosfl import methods, tasks
 from hosfl.config import Config
+from hosfl.engines.base import Releasing
 from hosfl.journal import Journal
 from hosfl.methods.base import Method, Shard
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
@@ -94,7 +95,7 @@ class ClientProcess:
         return None if reply is None else encode(reply)
 
 
-class RemoteEngine:
+class RemoteEngine(Releasing):
     """The server side of clients in other processes; see the module docstring."""
 
     def __init__(
@@ -378,7 +379,7 @@ class RemoteEngine:
                     )
             self._gather(target)
         finally:
-            self._release()
+            self.release()
 
     def _gather(self, step: int) -> None:
         """Each reachable client's peak bytes, work seconds and peak resident memory."""

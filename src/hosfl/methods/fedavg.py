@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from hosfl import devices, zo
 from hosfl.config import Config
@@ -23,8 +22,10 @@ from hosfl.methods.base import (
     Diverged,
     Method,
     Shard,
+    flatten,
     load_flat_,
     make_optimizer,
+    shared_state,
 )
 from hosfl.protocol import Message, ModelWeights, ProtocolError
 
@@ -36,8 +37,8 @@ class Client(ClientRole):
     def handle(self, msg: Message) -> Message | None:
         if not isinstance(msg, ModelWeights):
             raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
-        params = zo.trainable(self.model)
-        load_flat_(params, msg.weights)
+        params, state = zo.trainable(self.model), shared_state(self.model)
+        load_flat_(state, msg.weights)
         cfg = self.cfg
         optimizer = make_optimizer(cfg.client_optimizer, params, cfg.client_lr, cfg.momentum)
         self.model.train()
@@ -48,7 +49,7 @@ class Client(ClientRole):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            return ModelWeights(msg.step, parameters_to_vector(params))
+            return ModelWeights(msg.step, flatten(state))
 
 
 class FedAvg(Method):
@@ -66,8 +67,7 @@ class FedAvg(Method):
 
     def step(self, t: int, engine) -> tuple[float | None, Message]:
         self.sampled = self.sample(t)
-        with torch.no_grad():
-            weights = parameters_to_vector(self.params)
+        weights = flatten(shared_state(self.model))
         replies = engine.ask({m: ModelWeights(t, weights) for m in self.sampled})
         local = self.admit(replies, t, ModelWeights)
         local = {m: w for m, w in local.items() if w.weights.shape == weights.shape}
@@ -75,5 +75,5 @@ class FedAvg(Method):
             avg = torch.stack([local[m].weights for m in sorted(local)]).mean(0)
             if not bool(torch.isfinite(avg).all()):
                 raise Diverged("the averaged weights are not finite")
-            load_flat_(self.params, avg)
+            load_flat_(shared_state(self.model), avg)
         return None, ModelWeights(t, weights if not local else avg)

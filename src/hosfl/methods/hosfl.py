@@ -442,6 +442,18 @@ class Client(ReplicaClient):
         return [lead._reply(step, v, r) for v, r in zip(values, moved, strict=True)]
 
 
+def probed(model: nn.Module, x: torch.Tensor, part: str) -> None:
+    """Refuse, naming them, the parameters of ``model`` that zeroth-order probes cannot
+    perturb (``zo.unperturbable``): their update would be noise."""
+    bad = zo.unperturbable(model, x)
+    if bad:
+        raise ValueError(
+            f"the {part}'s parameter(s) {', '.join(bad)} are read outside their own module's "
+            "forward (F.linear(x, self.lin.weight), a ParameterDict...), where a probe cannot "
+            "perturb them: call the module itself, or freeze them (freeze=NAME)"
+        )
+
+
 ABSURD = 100.0  # an update moving θ_c by more than this many times |θ_c| is never committed
 
 
@@ -476,6 +488,7 @@ class HOSFL(SplitMethod):
     def client(self, shard: Shard) -> ClientRole:
         if self.z_shape is None:
             self.expect_cut(shard)
+            probed(self.replica.model, shard.batch(0, 1)[0], "client part")
         return self.client_class(shard, self.replica, self.cfg)
 
     def stateful(self) -> dict[str, Any]:

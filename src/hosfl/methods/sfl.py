@@ -27,7 +27,10 @@ from hosfl.methods.base import (
     Diverged,
     Shard,
     SplitMethod,
+    flatten,
     load_flat_,
+    rebind_buffers_,
+    shared_state,
 )
 from hosfl.protocol import (
     CutGradient,
@@ -43,21 +46,27 @@ class Client(ClientRole):
     def __init__(self, shard: Shard, model: nn.Module, cfg: Config) -> None:
         self.shard, self.model, self.cfg = shard, model, cfg
         self.params = zo.trainable(model)
-        self._pending: tuple[int, torch.Tensor] | None = None
+        self._received: torch.Tensor | None = None  # the statistics of the FedAvg-ed model
+        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, ModelWeights):  # the FedAvg-ed model, fetched when sampled
-            load_flat_(self.params, msg.weights)
+            load_flat_(shared_state(self.model), msg.weights)
+            self._received = msg.weights[sum(p.numel() for p in self.params) :]
             return None
         if isinstance(msg, StepPlan):  # forward with autograd: the client keeps activations
             x, y = self.shard.batch(msg.step, self.cfg.batch_size)
+            # in-process the clients share one model: each starts from the received statistics
+            # and keeps what its own batch made of them, as a client process does
+            if self._received is not None:
+                rebind_buffers_(self.model, self._received)
             z = self.model.train()(x)
-            self._pending = (msg.step, z)
+            self._pending = (msg.step, z, flatten(shared_state(self.model)[len(self.params) :]))
             return SmashedData(msg.step, z.detach(), y)
         if isinstance(msg, CutGradient):  # backprop λ, one local SGD step, weights up
             if self._pending is None or self._pending[0] != msg.step:
                 raise ProtocolError(f"client {self.shard.cid}: λ for step {msg.step} unasked")
-            step, z = self._pending
+            step, z, stats = self._pending
             self._pending = None
             lam = devices.to(msg.lam, z.device)
             grads = torch.autograd.grad(z, self.params, grad_outputs=lam)
@@ -65,7 +74,7 @@ class Client(ClientRole):
                 local = parameters_to_vector(self.params) - self.cfg.client_lr * (
                     parameters_to_vector(grads)
                 )
-            return ModelWeights(step, local)
+            return ModelWeights(step, torch.cat([local, stats.to(local.device)]))
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
@@ -78,7 +87,7 @@ class SplitFedV1(SplitMethod):
                 f"{self.name}: clients take one plain SGD step (client_optimizer=sgd, momentum=0)"
             )
         super().__init__(cfg, client_model, server_model, task)
-        self.params = zo.trainable(client_model)  # the server's copy of θ_c (FedAvg-ed)
+        self.params = zo.trainable(client_model)
 
     def client(self, shard: Shard) -> ClientRole:
         if self.z_shape is None:
@@ -86,8 +95,7 @@ class SplitFedV1(SplitMethod):
         return Client(shard, self.client_model, self.cfg)
 
     def send_model(self, t: int, clients: list[int], engine) -> None:
-        with torch.no_grad():
-            weights = parameters_to_vector(self.params)
+        weights = flatten(shared_state(self.client_model))
         engine.tell({m: ModelWeights(t, weights) for m in clients})
 
     def average(self, t: int, local: dict[int, Message]) -> ModelWeights | None:
@@ -98,7 +106,7 @@ class SplitFedV1(SplitMethod):
         avg = torch.stack([local[c].weights for c in sorted(local)]).mean(0)
         if not bool(torch.isfinite(avg).all()):
             raise Diverged("the averaged client weights are not finite")
-        load_flat_(self.params, avg)
+        load_flat_(shared_state(self.client_model), avg)
         return ModelWeights(t, avg)
 
     def step(self, t: int, engine) -> tuple[float | None, Message | None]:

@@ -15,7 +15,7 @@ from torch import nn
 from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole, Shard
-from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient
+from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient, probed
 from hosfl.protocol import Message, ProbeScalars, ProtocolError, ScalarBroadcast, StepPlan
 
 
@@ -46,12 +46,16 @@ class ZOFL(HOSFL):
     moved by the (seeds, v̄) broadcasts, never by a server optimizer."""
 
     name = "zo-fl"
+    _checked = False
 
     def replicated(self) -> nn.Module:
         # the whole model runs where the client part does
         return nn.Sequential(self.client_model, self.server_model).to(devices.of(self.client_model))
 
     def client(self, shard: Shard) -> ClientRole:
+        if not self._checked:
+            probed(self.replica.model, shard.batch(0, 1)[0], "model")
+            self._checked = True
         return Client(shard, self.replica, self.cfg, self.task)
 
     def step(self, t: int, engine) -> tuple[float | None, Message]:
