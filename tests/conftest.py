@@ -3,8 +3,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from hosfl.config import Config
+from hosfl.config import METHOD_SETTINGS, Config
 from hosfl.journal import Journal
+from hosfl.methods import get
 
 # The tests never reach a model hub (CI has no network): Hugging Face's libraries read this when
 # first imported, and without it each hub lookup waits for its connection to time out.
@@ -17,6 +18,13 @@ def journal_entries(folder) -> list[tuple[list[int], list[float]]]:
     entries = [(s.tolist(), v.tolist()) for s, v in journal.entries()]
     journal.close()
     return entries
+
+
+def only_read(values: dict) -> dict:
+    """``values`` without the method settings its method does not read (a shared set of
+    settings given to several methods, as ``hosfl compare`` gives them)."""
+    reads = get(values.get("method", "hosfl")).settings
+    return {k: v for k, v in values.items() if k not in METHOD_SETTINGS or k in reads}
 
 
 @pytest.fixture
@@ -36,6 +44,8 @@ def small_cfg(tmp_path):
             progress=False,
             out=str(tmp_path / "run"),
         )
+        if "P" not in get(overrides.get("method", "hosfl")).settings:
+            del values["P"]  # only the methods that probe read it
         values.update(overrides)
         return Config(**values).validate()
 

@@ -118,7 +118,7 @@ def test_method_prefixed_overrides_apply_to_that_method_only():
     overrides = ["steps=3", "zo-fl.client_lr=1e-4", "hosfl.P=2", "mu=0.01"]
     assert _for("zo-fl", overrides) == ["steps=3", "client_lr=1e-4", "mu=0.01"]
     assert _for("hosfl", overrides) == ["steps=3", "P=2", "mu=0.01"]
-    assert _for("frozen", overrides) == ["steps=3", "mu=0.01"]
+    assert _for("frozen", overrides) == ["steps=3"]  # mu: frozen does not probe
 
 
 def test_compare_over_seeds_gives_mean_and_sd_per_method(tmp_path):

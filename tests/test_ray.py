@@ -9,6 +9,7 @@ import struct
 import pytest
 import ray
 import torch
+from conftest import only_read
 
 from hosfl.engines.ray import ClientProcess, RayEngine
 from hosfl.journal import Journal
@@ -149,6 +150,7 @@ def test_every_method_gives_the_same_weights_in_process_and_as_ray_processes(
     # with BatchNorm on both sides, whose statistics must come back from the client processes
     cfg = dict(task="test_library:digits_bn", method=method, clients=2, sampled=2, steps=4,
                eval_every=4, P=2, batch_size=8, client_lr=0.01)  # fmt: skip
+    cfg = only_read(cfg)
     local = run(small_cfg(**cfg, out=str(tmp_path / "local")), log=lambda *a: None)
     remote = run(small_cfg(**cfg, engine="ray", out=str(tmp_path / "ray")), log=lambda *a: None)
     assert _identical(local.client_model, remote.client_model)
@@ -211,3 +213,33 @@ def test_a_replica_corrupted_mid_run_is_detected_resynced_and_counted(small_cfg,
     assert event["step"] == 4 and "drifted" in event["reason"]  # the next check, at step 4
     assert engine.ledger.by_message["down"]["ReplicaState"] > 0
     assert engine.verified == 3  # every replica equals the record at the end
+
+
+def test_a_step_that_raises_still_lets_the_client_processes_go(small_cfg, tmp_path, monkeypatch):
+    from hosfl.methods.hosfl import HOSFL
+
+    released = []
+    original = RayEngine._release
+    monkeypatch.setattr(RayEngine, "_release", lambda self: (released.append(self),
+                                                             original(self)))  # fmt: skip
+
+    def broken(self, t, engine):
+        if t == 1:
+            raise RuntimeError("a user's bug in step 1")
+        return real(self, t, engine)
+
+    real = HOSFL.step
+    monkeypatch.setattr(HOSFL, "step", broken)
+    cfg = small_cfg(clients=2, sampled=2, steps=3, engine="ray", out=str(tmp_path / "r"))
+    with pytest.raises(RuntimeError, match="a user's bug"):
+        run(cfg, log=lambda *a: None)
+    (engine,) = released
+    assert all(not _alive(a) for a in engine.actors)
+
+
+def _alive(actor) -> bool:
+    try:
+        ray.get(actor.pid.remote(), timeout=10)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import journal_entries as _journal
 
-from hosfl import checkpoint, zo
-from hosfl.config import method_names
+from hosfl import checkpoint, engines, zo
 from hosfl.data import partition
 from hosfl.engines import local
+from hosfl.methods import METHODS
 from hosfl.protocol import decode, encode
 from hosfl.replay import replay_run
 from hosfl.runner import run
@@ -73,9 +73,16 @@ def test_same_config_and_seed_give_bit_identical_runs(small_cfg, tmp_path):
 
 
 class WireEngine(local.LocalEngine):
-    """Sends every message as bytes through the codec and counts the bytes it sent."""
+    """Sends every message as bytes through the codec and counts the bytes it sent; an engine
+    added as a user would, by one line in the registry."""
 
     sent = 0
+    made: list = []
+
+    @classmethod
+    def for_run(cls, run):
+        cls.made.append(super().for_run(run))
+        return cls.made[-1]
 
     def carry(self, direction, msg, copies=1):
         data = encode(msg)
@@ -83,18 +90,12 @@ class WireEngine(local.LocalEngine):
         return super().carry(direction, decode(data), copies)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", list(METHODS))
 def test_ledger_equals_the_bytes_of_the_serialized_messages(small_cfg, monkeypatch, method):
-    engines = []
-
-    def wire(clients, ledger):
-        engines.append(WireEngine(clients, ledger))
-        return engines[-1]
-
-    monkeypatch.setattr("hosfl.runner.LocalEngine", lambda c, ledger, *_, **__: wire(c, ledger))
-    through_bytes = run(small_cfg(method=method, steps=4), log=lambda *a: None)
-    assert through_bytes.ledger.total() == engines[0].sent > 0
-    monkeypatch.undo()
+    monkeypatch.setitem(engines.ENGINES, "wire", ("test_run:WireEngine", ""))
+    WireEngine.made.clear()
+    through_bytes = run(small_cfg(method=method, steps=4, engine="wire"), log=lambda *a: None)
+    assert through_bytes.ledger.total() == WireEngine.made[0].sent > 0
     by_reference = run(
         small_cfg(method=method, steps=4, out=str(through_bytes.out) + "-ref"), log=lambda *a: None
     )
@@ -185,8 +186,8 @@ def test_a_cosine_server_schedule_decays_the_server_rate(small_cfg, tmp_path):
     # agrees, the decayed server ends elsewhere
     assert _journal(runs["constant"].out)[0] == _journal(runs["cosine"].out)[0]
     assert not torch.equal(*(next(r.server_model.parameters()) for r in runs.values()))
-    with pytest.raises(ValueError, match="no backprop server"):
-        small_cfg(method="fedavg", server_schedule="cosine")
+    with pytest.raises(ValueError, match="fedavg does not use server_schedule"):
+        METHODS["fedavg"].check(small_cfg(method="fedavg", server_schedule="cosine"))
 
 
 def test_a_server_average_changes_what_is_evaluated_and_nothing_that_is_trained(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hosfl import methods as registry
 from hosfl.checkpoint import CheckpointError
-from hosfl.config import Config, ConfigError, method_names
+from hosfl.config import Config, ConfigError
 from hosfl.data.fashion_mnist import DataError
 from hosfl.protocol import ProtocolError
 from hosfl.tasks.base import MissingPackage
@@ -58,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument(
         "--methods",
-        default=",".join(method_names()),
-        help=f"comma-separated, from {', '.join(method_names())} (default: all)",
+        default=",".join(registry.METHODS),
+        help=f"comma-separated, from {', '.join(registry.METHODS)} (default: all)",
     )
     cmp.add_argument(
         "--target",

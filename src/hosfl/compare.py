@@ -12,7 +12,8 @@ import statistics
 from collections.abc import Callable
 from itertools import pairwise
 
-from hosfl.config import Config, ConfigError, method_names
+from hosfl import methods as registry
+from hosfl.config import METHOD_SETTINGS, Config, ConfigError
 from hosfl.metrics.plots import load_run, plot_groups, plot_runs
 from hosfl.runfolder import prepare as prepare_out
 from hosfl.runner import run
@@ -90,15 +91,16 @@ def markdown(rows: list[dict], target: float | None) -> str:
 
 
 def _for(method: str, overrides: list[str]) -> list[str]:
-    """The overrides that apply to ``method``: plain ``key=value`` ones, and
+    """The overrides that apply to ``method``: plain ``key=value`` ones (a method setting
+    only where the method reads it: ``P=2`` is for the methods that probe), and
     ``METHOD.key=value`` ones naming it (for example ``zo-fl.client_lr=1e-4``)."""
     chosen = []
     for item in overrides:
         prefix, dot, rest = item.partition(".")
-        if dot and prefix in method_names() and "=" in rest and "=" not in prefix:
+        if dot and prefix in registry.METHODS and "=" in rest and "=" not in prefix:
             if prefix == method:
                 chosen.append(rest)
-        else:
+        elif item.partition("=")[0].strip() not in METHOD_SETTINGS - registry.get(method).settings:
             chosen.append(item)
     return chosen
 
@@ -157,11 +159,11 @@ def compare(
     folder; write results.csv (a row a run), results.md and the plots (with ``seeds``: the
     table as mean ± sd over seeds, the curves as the mean with a band from the lowest to the
     highest seed). Returns the rows."""
-    unknown = [m for m in methods if m not in method_names()]
+    unknown = [m for m in methods if m not in registry.METHODS]
     if unknown or not methods:
         raise ConfigError(
             f"--methods: unknown {', '.join(unknown) or '(none)'} "
-            f"(valid: {', '.join(method_names())})"
+            f"(valid: {', '.join(registry.METHODS)})"
         )
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"--target={target}: must be in (0, 1]")

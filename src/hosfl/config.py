@@ -27,7 +27,6 @@ def _f(default: Any, help: str) -> Any:
 
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
-ENGINES = ("local", "ray", "net")
 TLS = ("auto", "on", "off")
 DIRECTIONS = ("gaussian", "rademacher", "lowrank")
 AGGREGATES = ("mean", "median", "trimmed", "clipped")
@@ -36,10 +35,15 @@ LR_RULES = ("fixed", "dimension", "output")
 SIMULATE = ("auto", "batched", "per-client")
 
 
-def method_names() -> tuple[str, ...]:
-    from hosfl import methods  # the registry imports torch models; config stays importable
-
-    return tuple(methods.METHODS)
+# The settings that only some methods read. Each method declares the ones it reads
+# (``Method.settings``); one that the chosen method does not read, set away from its default,
+# is an error naming the method (``Method.check``), never silently ignored.
+METHOD_SETTINGS = frozenset(
+    {"P", "mu", "directions", "zo_rank", "zo_lazy", "estimator", "client_optimizer",
+     "client_lr", "client_dtype", "server_dtype", "zo_lr_rule", "zo_step", "zo_lr_scale",
+     "zo_lr_max", "zo_clip", "server_optimizer", "server_lr", "server_average",
+     "server_schedule", "momentum", "local_steps", "aggregate", "outlier_factor"}
+)  # fmt: skip
 
 
 @dataclass(init=False)
@@ -131,7 +135,7 @@ class Config:
     out: str = _f("", "run folder (empty: runs/<method>-<time>)")
     progress: bool = _f(True, "show a progress bar")
     snapshot_every: int = _f(100, "write checkpoint.pt every N steps (and at each evaluation)")
-    engine: str = _f("local", f"where clients run: {', '.join(ENGINES)}")
+    engine: str = _f("local", "where clients run: local, ray, net (or one added in engines/)")
     device: str = _f("auto", "where tensors live: auto (cuda when present), cpu, cuda, cuda:N")
     client_device: str = _f("", "the client part's device (empty: device)")
     server_device: str = _f("", "the server part's device (empty: device)")
@@ -226,22 +230,10 @@ class Config:
                 raise bad(key, "must be a finite number >= 0")
         if not 0 < self.zo_step < float("inf"):
             raise bad("zo_step", "must be a finite number > 0")
-        if self.zo_lr_rule == "output" and (
-            self.method != "hosfl" or self.client_optimizer != "sgd"
-        ):
-            raise bad(
-                "zo_lr_rule",
-                "output sets an SGD rate from HO-SFL's probes: method=hosfl, client_optimizer=sgd",
-            )
+        if self.zo_lr_rule == "output" and self.client_optimizer != "sgd":
+            raise bad("zo_lr_rule", "output sets an SGD rate: client_optimizer=sgd")
         if not 0 <= self.server_average < 1:
             raise bad("server_average", "must be in [0, 1) (0: off)")
-        no_backprop_server = self.method in ("fedavg", "zo-fl", "zo-sfl")
-        for key, on in (("server_schedule", self.server_schedule != "constant"),
-                        ("server_average", self.server_average > 0)):  # fmt: skip
-            if on and no_backprop_server:
-                raise bad(key, f"{self.method} has no backprop server to change")
-        if self.directions == "lowrank" and self.method != "hosfl":
-            raise bad("directions", "lowrank directions are for method=hosfl only")
         if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):
             raise bad("zo_clip", "must be 0 (off) or a finite number >= 1")
         if 0 < self.outlier_factor < 2:
@@ -266,8 +258,6 @@ class Config:
             raise bad("listen", "must be HOST:PORT")
         if self.estimator == "jvp" and self.client_dtype == "bfloat16":
             raise bad("estimator", "jvp probes are float32 (client_dtype=float32)")
-        if self.client_dtype == "bfloat16" and self.method != "hosfl":
-            raise bad("client_dtype", "bfloat16 client forwards are for method=hosfl only")
         if self.aggregate == "trimmed" and self.sampled < 3:
             raise bad(
                 "aggregate",
@@ -280,11 +270,9 @@ class Config:
         if self.seed >= 2**32:
             raise bad("seed", "must be < 2**32")
         choices = {
-            "method": method_names(),
             "client_optimizer": OPTIMIZERS,
             "server_optimizer": OPTIMIZERS,
             "partition": PARTITIONS,
-            "engine": ENGINES,
             "tls": TLS,
             "estimator": ("fd", "jvp"),
             "directions": DIRECTIONS,
@@ -335,6 +323,11 @@ class Config:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             values[key.strip()] = value.strip()
         return cls.from_dict(values, source=str(path) if path else "overrides").validate()
+
+    def changed(self) -> dict[str, Any]:
+        """The settings whose value is not the default (the task's own, or the global one)."""
+        base = {f.name: f.default for f in fields(self)} | _task_defaults(self.task)
+        return {k: v for k, v in self.to_dict().items() if v != base[k]}
 
     def device_of(self, part: str) -> torch.device:
         """The device of the ``client`` or ``server`` part on this machine; ConfigError if it

@@ -11,6 +11,10 @@ scalars the protocol sends.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,3 +53,17 @@ def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+@contextmanager
+def seeded(device: torch.device, *key: int) -> Iterator[None]:
+    """Within the block, torch's generator on ``device`` (what dropout and other random layers
+    draw from) starts from a seed of ``key`` (the run's seed, a purpose, the client, the step):
+    a forward's randomness is a function of where it is in the run, so two runs of one config
+    and a resumed run draw the same masks. The generator's state outside is kept."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        gen = torch.cuda.default_generators[cuda[0]] if cuda else torch.default_generator
+        gen.manual_seed(seed >> 1)
+        yield

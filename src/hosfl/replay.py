@@ -1,6 +1,6 @@
 """Rebuild a run's client model from its (seeds, v̄) history: audit, catch-up, recovery.
 
-The replica is the method's own (``Method.replica``), so the optimizer and the effective
+The replica is the method's own record (``Method.record``), so the optimizer and the effective
 learning rate (``zo_lr_rule``) are exactly those the run used."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _replay(folder: Path) -> ReplayReport:
     final = checkpoint.load(folder / "checkpoint.pt")
     cfg, client, server, task = load_models(checkpoint.load(folder / "client_init.pt"))
     method = methods.get(cfg.method)(cfg, client, server, task)
-    replica = method.replica
+    replica = method.record
     journal = Journal(path, create=False)
     try:
         if journal.end < final["step"]:

@@ -14,28 +14,20 @@ Run folder:
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from hosfl import checkpoint, devices, methods, runfolder, tasks
+from hosfl import checkpoint, devices, engines, loop, methods, runfolder, tasks
 from hosfl.config import Config, ConfigError
 from hosfl.data import source
 from hosfl.data.partition import histogram
-from hosfl.engines.local import LocalEngine
 from hosfl.journal import Journal
-from hosfl.methods.base import ClientRole, Diverged, Method, Shard
+from hosfl.methods.base import ClientRole, Method, Shard
 from hosfl.metrics.ledger import ByteLedger
-from hosfl.metrics.memory import meter, tensor_bytes
-from hosfl.protocol import Message, ProtocolError
 from hosfl.tasks.base import Task
 
 
@@ -92,6 +84,7 @@ def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
     """Data, partitions and the method's federation for ``cfg``; nothing is written."""
     try:
         method_class = methods.get(cfg.method)
+        method_class.check(cfg)  # a setting the method does not read: an error, not ignored
         task, client_model, server_model = tasks.prepare(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -103,6 +96,8 @@ def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
     server_model.to(server_device)
     train = task.load("train", cfg.train_subset)
     test = task.load("test", cfg.test_subset)
+    labels = source.targets(train)
+    _check_data(task, client_model, server_model, train, labels)
     try:
         parts = task.partition(cfg, train)
         largest = max(len(p) for p in parts)
@@ -118,7 +113,47 @@ def build(cfg: Config) -> tuple[Federation, source.Data, list[np.ndarray]]:
         ]
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Federation(method, clients, task), test, [source.targets(train).numpy(), *parts]
+    return Federation(method, clients, task), test, [labels.numpy(), *parts]
+
+
+@torch.no_grad()
+def _check_data(task: Task, client: nn.Module, server: nn.Module, train, labels) -> None:
+    """Data mistakes found before anything is written, each a one-line ConfigError naming
+    the fix: labels outside the task's classes, float targets for a classification loss, and
+    any label the model's output and the loss cannot take (one forward of that example)."""
+    if task.classes and labels.is_floating_point():
+        raise ConfigError(
+            f"the training targets are floats, but {task.name} is a classification of "
+            f"{task.classes} classes (cross-entropy): give integer labels, or classes=0 with a "
+            "regression loss (for example loss=torch.nn.functional.mse_loss)"
+        )
+    if task.classes and len(labels) and (labels.min() < 0 or labels.max() >= task.classes):
+        bad = int(((labels < 0) | (labels >= task.classes)).sum())
+        raise ConfigError(
+            f"{bad} training label(s) outside 0..{task.classes - 1} (from {int(labels.min())} to "
+            f"{int(labels.max())}): {task.name} has {task.classes} classes; fix the labels or "
+            "give classes="
+        )
+    if not len(labels):
+        return
+    i = int(labels.argmax()) if not labels.is_floating_point() else 0
+    x, y = source.take(train, [i])
+    was = client.training, server.training
+    client.eval(), server.eval()
+    out = None
+    try:
+        out = server(devices.to(client(devices.to(x, devices.of(client))), devices.of(server)))
+        task.loss(out, devices.to(y, out.device))
+    except (IndexError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        shape = "" if out is None else f" of shape {tuple(out.shape)}"
+        raise ConfigError(
+            f"the loss cannot take the model's output{shape} for training example {i} (target "
+            f"{y.tolist()}): {first}; check that the model's last layer has as many outputs as "
+            "there are classes, and the targets' type"
+        ) from None
+    finally:
+        client.train(was[0]), server.train(was[1])
 
 
 def _print_histogram(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> None:
@@ -128,39 +163,11 @@ def _print_histogram(labels: np.ndarray, parts: list[np.ndarray], classes: int) 
         print(f"{m:>6}  " + " ".join(f"{n:>5}" for n in row) + f"  {row.sum():>5}")
 
 
-def _state(cfg: Config, fed: Federation, step: int) -> dict:
-    """The checkpoint: the config, the step, and the method's whole state (``client`` and
-    ``server`` weights among it)."""
-    return {"config": cfg.to_dict(), "step": step, **fed.server.state_dict()}
-
-
-def _finite(update: Message) -> bool:
-    """False if the step's update holds NaN or infinity."""
-    try:
-        update.validate()
-    except ProtocolError:
-        return False
-    return True
-
-
-@torch.no_grad()
-def inference_peak(model: nn.Module, shard: Shard, batch_size: int) -> int:
-    """Peak live tensor bytes of one plain forward of ``model`` on a client batch: what a
-    client that only runs inference needs on top of its weights."""
-    x, _ = shard.batch(0, batch_size)
-    was = model.training
-    model.eval()  # a metering forward must not move BatchNorm statistics
-    with meter(x.device) as peak:
-        model(x)
-    model.train(was)
-    return peak.peak
-
-
 def run(cfg: Config, log=print) -> RunResult:
     """Train ``cfg`` and write its run folder; returns the final figures."""
     cfg.validate()
-    if cfg.engine != "local":  # a missing package is an error before anything is written
-        (_ray_engine if cfg.engine == "ray" else _net_engine)()
+    # an unknown engine or a missing package is an error before anything is written
+    if engines.get(cfg.engine).remote:
         _remote_task(cfg)
     fed, test, (labels, *parts) = build(cfg)
     out = runfolder.prepare(cfg.out, cfg.method)
@@ -171,6 +178,17 @@ def run(cfg: Config, log=print) -> RunResult:
         if log is print and fed.task.classes:
             _print_histogram(labels, parts, fed.task.classes)
         return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log)
+
+
+def _train(
+    cfg: Config, fed: Federation, test, out: Path, start: int, ledger: ByteLedger,
+    wall_before: float, log, resumed: bool = False,
+) -> RunResult:  # fmt: skip
+    summary = loop.train(cfg, fed, test, out, start, ledger, wall_before, log, resumed, evaluate)
+    diverged = summary["diverged_at"]
+    done = diverged - 1 if diverged else cfg.steps
+    return RunResult(out, summary["test_acc"], done, summary["wall_s"], ledger, fed.client_model,
+                     fed.server_model, summary)  # fmt: skip
 
 
 def _initial(cfg: Config, fed: Federation) -> dict:
@@ -220,13 +238,14 @@ def _resume(folder: Path, log) -> RunResult:
             raise checkpoint.CheckpointError(
                 f"{last} does not fit {cfg.method}: {reason}"
             ) from None
-        if fed.server.seed_synced and fed.server.synced().step != start:
+        record = fed.server.record
+        if record is not None and record.synced().step != start:
             raise checkpoint.CheckpointError(
-                f"{last}: the client replica is at step {fed.server.synced().step}, the "
+                f"{last}: the client replica is at step {record.synced().step}, the "
                 f"checkpoint at step {start}"
             )
     journal = folder / "journal.sqlite"
-    if fed.server.seed_synced and start > 0:
+    if fed.server.record is not None and start > 0:
         if not journal.is_file():
             raise checkpoint.CheckpointError(f"{journal} is missing: the run cannot be checked")
         with contextlib.closing(Journal(journal, create=False)) as j:
@@ -247,16 +266,6 @@ def _load(model: nn.Module, weights: dict, path: Path) -> None:
         raise checkpoint.CheckpointError(f"{path} does not fit its task: {reason}") from None
 
 
-def _make_engine(
-    cfg: Config, fed: Federation, ledger: ByteLedger, measure: int, journal, out: Path, log
-):
-    if cfg.engine == "ray":
-        return _ray_engine()(cfg, fed.server, ledger, measure, journal)
-    if cfg.engine == "net":
-        return _net_engine()(cfg, fed.server, ledger, measure, journal, out, log)
-    return LocalEngine(fed.clients, ledger, measure, batched=cfg.batched())
-
-
 def _remote_task(cfg: Config) -> None:
     """Client processes build the task from the config: it must be importable there."""
     if cfg.task not in tasks.BUILT_IN and ":" not in cfg.task:
@@ -264,182 +273,6 @@ def _remote_task(cfg: Config) -> None:
             f"engine={cfg.engine}: every client process builds task={cfg.task!r} from the "
             "config; give it as an import path (package.module:factory) the clients can import"
         )
-
-
-def _net_engine() -> type:
-    try:
-        from hosfl.engines.net import NetEngine
-    except ImportError as e:
-        raise ConfigError(f"engine=net needs gRPC ({e}): pip install 'hosfl[serve]'") from None
-    return NetEngine
-
-
-def _ray_engine() -> type:
-    try:
-        from hosfl.engines.ray import RayEngine
-    except ImportError as e:
-        raise ConfigError(f"engine=ray needs Ray ({e}): pip install 'hosfl[ray]'") from None
-    return RayEngine
-
-
-def _train(
-    cfg: Config,
-    fed: Federation,
-    test: tuple[torch.Tensor, torch.Tensor],
-    out: Path,
-    start: int,
-    ledger: ByteLedger,
-    wall_before: float,
-    log,
-    resumed: bool = False,
-) -> RunResult:
-    method = fed.server
-    d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
-    d_s = sum(p.numel() for p in fed.server_model.parameters() if p.requires_grad)
-    client_lr = method.client_lr
-    log(
-        f"hosfl {cfg.method}: task={cfg.task} cut={cfg.cut} M={cfg.clients} K={cfg.sampled} "
-        f"B={cfg.batch_size} P={cfg.P} steps={cfg.steps} d_c={d_c} d_s={d_s} "
-        f"client lr={client_lr if client_lr is not None else cfg.client_lr:.3g} "
-        f"engine={cfg.engine} -> {out}"
-    )
-    holds = tensor_bytes(method.client_holds)
-    infer_peak = holds + inference_peak(method.client_holds, fed.clients[0].shard, cfg.batch_size)
-    journal = Journal(out / "journal.sqlite") if method.seed_synced else None  # created at 0
-    # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
-    engine = _make_engine(cfg, fed, ledger, min(1, cfg.steps - 1), journal, out, log)
-
-    def commit(update: Message) -> None:
-        """Runs before ``update`` leaves the server: refuse a non-finite one, log it durably
-        (a step redone on resume must give the logged bits)."""
-        if not _finite(update):
-            raise Diverged("the step's update is not finite")
-        if journal is None:
-            return
-        if update.step < journal.end:
-            seeds, vbar = journal.entry(update.step)
-            if not (torch.equal(seeds, update.seeds) and torch.equal(vbar, update.values)):
-                raise checkpoint.CheckpointError(
-                    f"step {update.step} redone differs from the journal: not the same run"
-                )
-        else:
-            journal.append(update.step, update.seeds, update.values)
-
-    engine.before_broadcast = commit
-    metrics = runfolder.open_metrics(out / "metrics.jsonl", start if resumed else None)
-    started = time.perf_counter()
-
-    def wall() -> float:
-        return wall_before + time.perf_counter() - started
-
-    acc = float("nan")
-    diverged, cause = None, ""
-    rejected = 0
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        disable=not cfg.progress,
-        file=sys.stderr,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    try:
-        for t in bar:
-            try:
-                loss, update = method.step(t, engine)
-            except Diverged as e:
-                loss, cause = float("nan"), str(e)
-            rejections = method.rejections
-            rejected += len(rejections)
-            for row in rejections:
-                metrics.write(json.dumps({"event": "reject", **row}) + "\n")
-                log(f"hosfl: step {row['step']}: dropped client {row['client']}: {row['reason']}")
-            rejections.clear()
-            for row in engine.events:
-                metrics.write(json.dumps(row) + "\n")
-                log(f"hosfl: step {row['step']}: client {row['client']}: {row['reason']}")
-            engine.events.clear()
-            if loss is not None and not math.isfinite(loss):
-                diverged = t + 1
-                cause = cause or f"the server's training loss is {loss}"
-                log(
-                    f"hosfl: training diverged at step {diverged}: {cause}; stopped, the last "
-                    "checkpoint is kept (learning rates, mu, or the clients' inputs are the "
-                    "usual causes)."
-                )
-                metrics.write(json.dumps({"event": "diverged", "step": diverged, "cause": cause}))
-                metrics.write("\n")
-                break
-            row = {
-                "event": "train",
-                "step": t + 1,
-                "loss": loss,
-                "bytes_up": ledger.total("up"),
-                "bytes_down": ledger.total("down"),
-                "wall_s": round(wall(), 4),
-            }
-            metrics.write(json.dumps(row) + "\n")
-            last = t + 1 == cfg.steps
-            evaluate_now = last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0)
-            if evaluate_now:
-                acc, test_loss = evaluate(
-                    fed.client_model, fed.server.evaluated_server, fed.task, test
-                )
-                row = {
-                    "event": "eval",
-                    "step": t + 1,
-                    "test_acc": acc,
-                    "test_loss": test_loss,
-                    "bytes": ledger.total(),
-                    "wall_s": wall(),
-                }
-                metrics.write(json.dumps(row) + "\n")
-            if evaluate_now or (cfg.snapshot_every and (t + 1) % cfg.snapshot_every == 0):
-                metrics.flush()
-                state = _state(cfg, fed, t + 1)
-                checkpoint.save(
-                    out / "checkpoint.pt", {**state, "ledger": ledger.as_dict(), "wall_s": wall()}
-                )
-            if last or t % 10 == 0 or evaluate_now:
-                shown = {} if loss is None else {"loss": f"{loss:.3f}"}
-                bar.set_postfix(**shown, acc=f"{acc:.4f}", refresh=False)
-        engine.close()
-        for row in engine.events:  # the final check of every replica
-            metrics.write(json.dumps(row) + "\n")
-            log(f"hosfl: end: client {row['client']}: {row['reason']}")
-    finally:
-        metrics.close()
-        if journal is not None:
-            journal.close()
-        bar.close()
-    client_lr = method.client_lr  # zo_lr_rule=output sets it during the run
-    summary = {
-        "method": cfg.method,
-        "engine": cfg.engine,
-        "test_acc": acc,
-        "steps": cfg.steps,
-        "sampled": cfg.sampled,
-        "wall_s": wall(),
-        "d_c": d_c,
-        "d_s": d_s,
-        "client_lr": client_lr if client_lr is not None else cfg.client_lr,
-        "bytes": ledger.as_dict(),
-        "client_peak_bytes": holds + engine.client_peak_bytes,
-        "client_inference_peak_bytes": infer_peak,
-        "client_ms_per_step": engine.client_ms_per_step(cfg.sampled),
-        "diverged_at": diverged,
-        "diverged_cause": cause or None,
-        "clients_in_sync": engine.verified,
-        # client processes (engine=ray/net): the largest one's peak resident memory, and the
-        # bytes the network transport counted in its frames
-        "client_peak_rss": getattr(engine, "client_peak_rss", None),
-        "wire_bytes": getattr(engine, "wire_bytes", None),
-        "rejected": rejected,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    done = diverged - 1 if diverged else cfg.steps
-    return RunResult(out, acc, done, wall(), ledger, fed.client_model, fed.server_model, summary)
 
 
 def summary_table(result: RunResult) -> str:

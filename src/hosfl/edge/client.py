@@ -20,7 +20,7 @@ import grpc
 
 from hosfl.config import Config, ConfigError
 from hosfl.edge import keys, wire
-from hosfl.engines.remote import ClientProcess
+from hosfl.edge.process import ClientProcess
 from hosfl.metrics.memory import process_peak_rss
 from hosfl.protocol import ProtocolError, StepPlan, decode
 from hosfl.tasks.base import MissingPackage

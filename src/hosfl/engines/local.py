@@ -25,6 +25,7 @@ from hosfl.protocol import Message, ProtocolError, decode, encode
 
 
 class LocalEngine(Releasing):
+    remote = False  # clients are objects of this process
     def __init__(
         self,
         clients: Sequence[ClientRole],
@@ -40,6 +41,10 @@ class LocalEngine(Releasing):
         self.meters: dict[int, object] = {}  # client id (-1: broadcast) -> peak meter
         self.before_broadcast: Callable[[Message], None] = lambda msg: None  # e.g. journal it
         self.events: list[dict] = []  # in-process every client shares the record: no drift
+
+    @classmethod
+    def for_run(cls, run) -> LocalEngine:
+        return cls(run.fed.clients, run.ledger, run.measure_step, batched=run.cfg.batched())
 
     @property
     def client_peak_bytes(self) -> int:

@@ -241,6 +241,11 @@ def secrets_folder(cfg: Config, out: Path) -> Path:
 class NetEngine(RemoteEngine):
     """Clients are ``hosfl client`` programs that connect to this server."""
 
+    @classmethod
+    def for_run(cls, run) -> NetEngine:
+        return cls(run.cfg, run.fed.server, run.ledger, run.measure_step, run.journal, run.out,
+                   run.log)  # fmt: skip
+
     def __init__(
         self,
         cfg: Config,

@@ -20,7 +20,8 @@ import ray
 import torch
 
 from hosfl.config import Config, ConfigError
-from hosfl.engines.remote import ClientFailed, ClientProcess, RemoteEngine
+from hosfl.edge.process import ClientProcess
+from hosfl.engines.remote import ClientFailed, RemoteEngine
 from hosfl.journal import Journal
 from hosfl.methods.base import Method
 from hosfl.metrics.ledger import ByteLedger
@@ -41,6 +42,10 @@ class RayEngine(RemoteEngine):
     # Environment variables of chosen client processes, by client id (the tests run one client
     # under another ATEN_CPU_CAPABILITY: another kind of CPU, on one machine).
     actor_env: dict[int, dict[str, str]] = {}
+
+    @classmethod
+    def for_run(cls, run) -> RayEngine:
+        return cls(run.cfg, run.fed.server, run.ledger, run.measure_step, run.journal)
 
     def __init__(
         self,

@@ -25,25 +25,20 @@ goes wrong with one client.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 import torch
 
-from hosfl import methods, tasks
 from hosfl.config import Config
 from hosfl.engines.base import Releasing
 from hosfl.journal import Journal
-from hosfl.methods.base import Method, Shard
+from hosfl.methods.base import Method
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
-from hosfl.metrics.memory import meter, process_peak_rss
 from hosfl.protocol import (
     CatchUp,
     ClientStats,
     Message,
     ProtocolError,
-    ReplicaState,
-    ScalarBroadcast,
     StateQuery,
     StatsQuery,
     StepPlan,
@@ -57,46 +52,10 @@ class ClientFailed(Exception):
     """One client could not be reached, died, raised, or did not answer in time."""
 
 
-class ClientProcess:
-    """One client, in its own process: builds its shard and replica from the config alone."""
-
-    def __init__(self, config: dict, cid: int, threads: int) -> None:
-        torch.set_num_threads(threads)
-        cfg = Config.from_dict(config).validate()
-        task, client_model, server_model = tasks.prepare(cfg)
-        device = cfg.device_of("client")  # resolved here, on the client's own machine
-        client_model.to(device)
-        train = task.load("train", cfg.train_subset)
-        shard = Shard(cid, train, task.partition(cfg, train)[cid], cfg.seed, device)
-        method = methods.get(cfg.method)(cfg, client_model, server_model, task)
-        self.role = method.client(shard)
-        self.measure_step = min(1, cfg.steps - 1)
-        self.meter = meter(device)  # one meter across the calls of the measured step
-        self.seconds = 0.0
-
-    def handle(self, data: bytes) -> bytes | None:
-        msg = decode(data)
-        if isinstance(msg, StateQuery):  # where the replica is; Synced(0, 0): it keeps none
-            return encode(self.role.synced() or Synced(0, 0))
-        if isinstance(msg, StatsQuery):
-            micros = round(self.seconds * 1e6)
-            return encode(ClientStats(msg.step, self.meter.peak, micros, process_peak_rss()))
-        if isinstance(msg, CatchUp):
-            return encode(self.role.catch_up(msg))
-        if isinstance(msg, ReplicaState):
-            return encode(self.role.restore(msg))
-        start = time.perf_counter()
-        if msg.step == self.measure_step and not isinstance(msg, ScalarBroadcast):
-            with self.meter:
-                reply = self.role.handle(msg)
-        else:
-            reply = self.role.handle(msg)
-            self.seconds += time.perf_counter() - start
-        return None if reply is None else encode(reply)
-
-
 class RemoteEngine(Releasing):
     """The server side of clients in other processes; see the module docstring."""
+
+    remote = True  # every client process builds the task from the config: it must import it
 
     def __init__(
         self,
@@ -108,8 +67,11 @@ class RemoteEngine(Releasing):
     ) -> None:
         self.cfg, self.ledger, self.journal = cfg, ledger, journal
         self.retries, self.timeout = cfg.client_retries, cfg.client_timeout
-        self.method = method
-        self.seed_synced = method.seed_synced and journal is not None
+        # the method's record of the clients' replica (None: the clients keep none); nothing
+        # else of the method is read here
+        self.record = method.record if journal is not None else None
+        self.seed_synced = self.record is not None
+        self.dropped: set[int] = set()  # clients that would not take the record: out of the run
         self.before_broadcast = lambda msg: None
         self.synced: dict[int, int | None] = dict.fromkeys(range(cfg.clients), None)
         self._plans: dict[int, StepPlan] = {}  # each client's StepPlan of the current step
@@ -168,7 +130,10 @@ class RemoteEngine(Releasing):
         return self._receive(reply)
 
     def _record_digest(self) -> int:
-        return self.method.synced().digest
+        return self.record.synced().digest
+
+    def _reject(self, step: int, cid: int, why: str) -> None:
+        self.events.append({"event": "reject", "step": step, "client": cid, "reason": why})
 
     # --- keeping a client's replica in step ----------------------------------------------
     def _state(self, cid: int) -> Synced:
@@ -184,7 +149,7 @@ class RemoteEngine(Releasing):
         from the record at the record's own step, or that is ahead of it (the server resumed
         from an earlier checkpoint while the client kept running), takes the record."""
         state = self._state(cid)
-        record = self.method.synced() if self.seed_synced else None
+        record = self.record.synced() if self.seed_synced else None
         if record and state.step > record.step:
             why = f"at step {state.step}, ahead of the server's record at step {record.step}"
             self._resync(cid, record.step, why)
@@ -213,7 +178,7 @@ class RemoteEngine(Releasing):
 
     def _fail(self, cid: int, step: int, why: str) -> None:
         """Client ``cid`` failed: it is restarted and re-syncs from the journal."""
-        self.method.reject(step, cid, why)
+        self._reject(step, cid, why)
         self.synced[cid] = None
         self._restart(cid)
 
@@ -251,7 +216,7 @@ class RemoteEngine(Releasing):
         try:
             received = [self._receive(r) for r in replies if r is not None]
         except ProtocolError as e:
-            self.method.reject(step, cid, str(e))  # malformed: dropped, the client is kept
+            self._reject(step, cid, str(e))  # malformed: dropped, the client is kept
             return True, None
         return True, received[-1] if sent and received else None
 
@@ -262,6 +227,7 @@ class RemoteEngine(Releasing):
         for cid in sorted(self._due):
             self._check(cid)
         self._due.clear()
+        requests = {c: m for c, m in requests.items() if c not in self.dropped}
         for cid, msg in requests.items():
             self._at(cid, msg.step)
             if isinstance(msg, StepPlan):
@@ -299,7 +265,7 @@ class RemoteEngine(Releasing):
     def tell(self, messages: Mapping[int, Message]) -> None:
         """Send each client its message, not awaited: a client runs its messages in order,
         and one that failed shows it at its next call (where what it was told is sent again)."""
-        for cid in sorted(messages):
+        for cid in sorted(set(messages) - self.dropped):
             msg = messages[cid]
             self._at(cid, msg.step)
             self._told[cid].append(msg)
@@ -310,7 +276,7 @@ class RemoteEngine(Releasing):
         journal when next sampled). Not awaited: a client that failed to apply it shows it at
         its next call."""
         self.before_broadcast(msg)
-        for cid in sorted(self._asked if self._step == msg.step else ()):
+        for cid in sorted((self._asked if self._step == msg.step else set()) - self.dropped):
             try:
                 if not self.seed_synced:
                     self._send(cid, msg)
@@ -327,17 +293,22 @@ class RemoteEngine(Releasing):
         """Compare client ``cid``'s digest with the record's (at the same step)."""
         try:
             state = self._state(cid)
-            record = self.method.synced()
+            record = self.record.synced()
             if state.step == record.step and state.digest != record.digest:
                 self._resync(cid, record.step, f"digest {state.digest:x} against {record.digest:x}")
         except (ClientFailed, ProtocolError) as e:
-            self._fail(cid, self.method.synced().step, str(e))
+            self._fail(cid, self.record.synced().step, str(e))
 
     def _resync(self, cid: int, step: int, why: str) -> None:
         """Send client ``cid`` the record's θ_c and optimizer state; log it; check it took."""
-        reply = self._call(cid, self.method.replica.export())
+        reply = self._call(cid, self.record.export())
         if not isinstance(reply, Synced) or reply.digest != self._record_digest():
-            raise ProtocolError(f"client {cid} did not take the server's record at step {step}")
+            # a client that answers another digest for the record itself cannot be trusted
+            # with the run's θ_c: it takes no further part (its replies would be dropped anyway)
+            self.dropped.add(cid)
+            self._reject(step, cid, f"client {cid} did not take the server's record at step "
+                         f"{step} (answered {reply}): dropped from the run")  # fmt: skip
+            raise ClientFailed(f"client {cid} did not take the server's record at step {step}")
         self.synced[cid] = step
         self.events.append(
             {
@@ -368,12 +339,14 @@ class RemoteEngine(Releasing):
         """Bring every client to the final step and check each replica against the record;
         collect the clients' figures. A client that cannot be reached is logged, not counted."""
         try:
-            target = self.method.synced().step if self.seed_synced else 0
+            target = self.record.synced().step if self.seed_synced else 0
             for cid in range(self.cfg.clients if self.seed_synced else 0):
+                if cid in self.dropped:
+                    continue
                 try:
                     self._verify(cid, target)
                     self.verified += 1
-                except ClientFailed as e:
+                except (ClientFailed, ProtocolError) as e:
                     self.events.append(
                         {"event": "unverified", "step": target, "client": cid, "reason": str(e)}
                     )

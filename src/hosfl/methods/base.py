@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hosfl import devices, zo
-from hosfl.config import Config
+from hosfl.config import METHOD_SETTINGS, Config, ConfigError
 from hosfl.data import source
 from hosfl.protocol import (
     CatchUp,
@@ -164,6 +164,22 @@ class Method(ABC):
 
     name: ClassVar[str]
     seed_synced: ClassVar[bool] = False
+    # the settings of ``config.METHOD_SETTINGS`` this method reads; another one set away from
+    # its default is an error (``check``)
+    settings: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse, naming the method, a setting it does not read or a value it cannot run
+        with (ConfigError); called before anything of a run is built or written."""
+        unused = {k: v for k, v in cfg.changed().items()
+                  if k in METHOD_SETTINGS and k not in cls.settings}  # fmt: skip
+        if unused:
+            given = ", ".join(f"{k}={v!r}" for k, v in sorted(unused.items()))
+            raise ConfigError(
+                f"method={cls.name} does not use {given}: remove it (the settings it reads: "
+                f"{', '.join(sorted(cls.settings)) or 'none of the method settings'})"
+            )
 
     def __init__(
         self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task: Task
@@ -186,6 +202,20 @@ class Method(ABC):
     def client_lr(self) -> float | None:
         """The learning rate the clients' updates use (None: the clients train nothing)."""
         return self.cfg.client_lr
+
+    @property
+    def record(self) -> Any:
+        """The server's record of a seed-synced client model (``seed_synced`` methods: the
+        ``Replica`` every client holds a copy of, with ``synced()``, ``export()``, ``params``,
+        ``optimizer``, ``directions``); None where clients keep no replica. The runner and the
+        engines read the record and nothing else of a method's inside."""
+        return None
+
+    def events(self) -> list[dict]:
+        """The contributions dropped since the last call, as metrics rows (``reject``)."""
+        rows = [{"event": "reject", **row} for row in self.rejections]
+        self.rejections.clear()
+        return rows
 
     @property
     def evaluated_server(self) -> nn.Module:
@@ -282,10 +312,20 @@ def _magnitude(msg: Message) -> float | None:
     return None
 
 
+# what the backprop server of a split method reads
+SERVER_SETTINGS = frozenset({"server_optimizer", "server_lr", "server_average", "server_schedule",
+                             "server_dtype", "momentum", "outlier_factor"})  # fmt: skip
+# what a zeroth-order client that probes through (seeds, v̄) reads
+ZO_SETTINGS = frozenset({"P", "mu", "directions", "client_optimizer", "client_lr", "zo_lr_rule",
+                         "zo_lr_scale", "zo_lr_max", "momentum"})  # fmt: skip
+
+
 class SplitMethod(Method):
     """The server role of the split methods (HO-SFL's, reused by the baselines): sample,
     draw seeds, check every upload (its type, step, shape, values, and its magnitude against
     recent honest uploads), backprop the server part, average the scalars."""
+
+    settings = SERVER_SETTINGS
 
     def __init__(
         self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task: Task
@@ -401,7 +441,9 @@ class SplitMethod(Method):
         here = devices.of(self.model)
         for cid, msg in smashed.items():
             z = devices.to(msg.z.detach(), here).clone().requires_grad_(True)
-            with torch.autocast(here.type, torch.bfloat16, enabled=self.bf16):
+            with devices.seeded(here, self.cfg.seed, 5, cid, step), torch.autocast(
+                here.type, torch.bfloat16, enabled=self.bf16
+            ):
                 loss = self.task.loss(self.model(z), devices.to(msg.y, here))
             loss.backward()
             lams[cid] = CutGradient(msg.step, z.grad)

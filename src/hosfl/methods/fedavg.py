@@ -45,7 +45,9 @@ class Client(ClientRole):
         for e in range(cfg.local_steps):
             x, y = self.shard.batch(msg.step * cfg.local_steps + e, cfg.batch_size)
             optimizer.zero_grad(set_to_none=True)
-            self.task.loss(self.model(x), y).backward()
+            with devices.seeded(x.device, cfg.seed, 4, self.shard.cid, msg.step, e):
+                loss = self.task.loss(self.model(x), y)
+            loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -54,6 +56,7 @@ class Client(ClientRole):
 
 class FedAvg(Method):
     name = "fedavg"
+    settings = frozenset({"client_optimizer", "client_lr", "momentum", "local_steps"})
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)

@@ -22,6 +22,7 @@ from torch import nn
 from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import (
+    ZO_SETTINGS,
     ClientRole,
     Diverged,
     Shard,
@@ -462,6 +463,8 @@ class HOSFL(SplitMethod):
 
     name = "hosfl"
     seed_synced = True
+    settings = SplitMethod.settings | ZO_SETTINGS | {
+        "zo_rank", "zo_lazy", "estimator", "client_dtype", "zo_step", "zo_clip", "aggregate"}
     client_class: type[ReplicaClient] = Client
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
@@ -497,9 +500,10 @@ class HOSFL(SplitMethod):
         rate = {"zo_rate": self.rate} if self.rate is not None else {}
         return {**super().stateful(), "replica": self.replica, **clip, **rate}
 
-    def synced(self) -> Synced:
-        """The server's record of θ_c: its next step and digest."""
-        return self.replica.synced()
+    @property
+    def record(self) -> Replica:
+        """The server's record of θ_c (in-process, the replica every client shares)."""
+        return self.replica
 
     def commit(self, update: ScalarBroadcast, engine) -> None:
         """Send the step's update to the clients and apply it to the record (in-process the

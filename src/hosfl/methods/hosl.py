@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from hosfl import devices, zo
-from hosfl.config import Config
-from hosfl.methods.base import Shard
+from hosfl.config import Config, ConfigError
+from hosfl.methods.base import ZO_SETTINGS, Shard, SplitMethod
 from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient
 from hosfl.protocol import (
     Message,
@@ -62,6 +62,17 @@ class Client(ReplicaClient):
 class HOSL(HOSFL):
     name = "hosl"
     client_class = Client
+    # the loss differences are the server's own mean: no aggregate, no clip, no estimator
+    settings = SplitMethod.settings | ZO_SETTINGS
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        if cfg.directions == "lowrank" or cfg.zo_lr_rule == "output":
+            raise ConfigError(
+                f"method={cls.name}: directions=lowrank and zo_lr_rule=output are HO-SFL's "
+                "(method=hosfl)"
+            )
 
     @torch.no_grad()
     def losses(self, zs: dict[int, torch.Tensor], ys: dict[int, torch.Tensor]) -> dict:

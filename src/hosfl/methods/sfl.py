@@ -60,7 +60,8 @@ class Client(ClientRole):
             # and keeps what its own batch made of them, as a client process does
             if self._received is not None:
                 rebind_buffers_(self.model, self._received)
-            z = self.model.train()(x)
+            with devices.seeded(x.device, self.cfg.seed, 4, self.shard.cid, msg.step):
+                z = self.model.train()(x)
             self._pending = (msg.step, z, flatten(shared_state(self.model)[len(self.params) :]))
             return SmashedData(msg.step, z.detach(), y)
         if isinstance(msg, CutGradient):  # backprop λ, one local SGD step, weights up
@@ -80,6 +81,7 @@ class Client(ClientRole):
 
 class SplitFedV1(SplitMethod):
     name = "sfl-v1"
+    settings = SplitMethod.settings | {"client_lr", "client_optimizer"}
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         if cfg.client_optimizer != "sgd" or cfg.momentum:

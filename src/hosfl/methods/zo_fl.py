@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from hosfl import devices, zo
-from hosfl.config import Config
-from hosfl.methods.base import ClientRole, Shard
+from hosfl.config import Config, ConfigError
+from hosfl.methods.base import ZO_SETTINGS, ClientRole, Shard
 from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient, probed
 from hosfl.protocol import Message, ProbeScalars, ProtocolError, ScalarBroadcast, StepPlan
 
@@ -46,6 +46,16 @@ class ZOFL(HOSFL):
     moved by the (seeds, v̄) broadcasts, never by a server optimizer."""
 
     name = "zo-fl"
+    settings = ZO_SETTINGS | {"aggregate", "outlier_factor"}
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        if cfg.directions == "lowrank" or cfg.zo_lr_rule == "output":
+            raise ConfigError(
+                f"method={cls.name}: directions=lowrank and zo_lr_rule=output are HO-SFL's "
+                "(method=hosfl)"
+            )
     _checked = False
 
     def replicated(self) -> nn.Module:

@@ -17,6 +17,7 @@ from torch import nn
 
 from hosfl import devices, zo
 from hosfl.config import Config
+from hosfl.methods.base import ZO_SETTINGS
 from hosfl.methods.hosfl import zo_lr
 from hosfl.methods.hosl import HOSL
 from hosfl.protocol import SmashedData
@@ -24,6 +25,8 @@ from hosfl.protocol import SmashedData
 
 class ZOSFL(HOSL):
     name = "zo-sfl"
+    # a zeroth-order server: its rate and optimizer, no average, schedule or autocast
+    settings = ZO_SETTINGS | {"server_optimizer", "server_lr", "outlier_factor"}
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)

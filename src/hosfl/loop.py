@@ -1,0 +1,163 @@
+"""The training loop of one run or resume: the engine, the journal hook, the steps, the
+evaluations, and the summary. ``runner.py`` builds what it trains; ``recording.py`` writes
+what it reports."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hosfl import checkpoint, engines
+from hosfl.config import Config
+from hosfl.journal import Journal
+from hosfl.methods.base import Diverged, Shard
+from hosfl.metrics.ledger import ByteLedger
+from hosfl.metrics.memory import meter, tensor_bytes
+from hosfl.protocol import Message, ProtocolError
+from hosfl.recording import Recorder
+
+if TYPE_CHECKING:
+    from hosfl.runner import Federation
+
+
+def finite(update: Message) -> bool:
+    """False if the step's update holds NaN or infinity."""
+    try:
+        update.validate()
+    except ProtocolError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def inference_peak(model: nn.Module, shard: Shard, batch_size: int) -> int:
+    """Peak live tensor bytes of one plain forward of ``model`` on a client batch: what a
+    client that only runs inference needs on top of its weights."""
+    x, _ = shard.batch(0, batch_size)
+    was = model.training
+    model.eval()  # a metering forward must not move BatchNorm statistics
+    with meter(x.device) as peak:
+        model(x)
+    model.train(was)
+    return peak.peak
+
+
+def journal_hook(journal: Journal | None):
+    """What runs before a step's update leaves the server: refuse a non-finite one and log it
+    durably (a step redone on resume must give the logged bits)."""
+
+    def commit(update: Message) -> None:
+        if not finite(update):
+            raise Diverged("the step's update is not finite")
+        if journal is None:
+            return
+        if update.step < journal.end:
+            seeds, vbar = journal.entry(update.step)
+            if not (torch.equal(seeds, update.seeds) and torch.equal(vbar, update.values)):
+                raise checkpoint.CheckpointError(
+                    f"step {update.step} redone differs from the journal: not the same run"
+                )
+        else:
+            journal.append(update.step, update.seeds, update.values)
+
+    return commit
+
+
+def train(
+    cfg: Config, fed: Federation, test, out: Path, start: int, ledger: ByteLedger,
+    wall_before: float, log, resumed: bool, evaluate,
+) -> dict:  # fmt: skip
+    """Steps ``start``..``steps`` of ``fed``; returns the summary (also written). The metrics
+    are opened once the engine stands (its clients joined): a start that fails writes nothing."""
+    method = fed.server
+    d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
+    d_s = sum(p.numel() for p in fed.server_model.parameters() if p.requires_grad)
+    client_lr = method.client_lr
+    log(
+        f"hosfl {cfg.method}: task={cfg.task} cut={cfg.cut} M={cfg.clients} K={cfg.sampled} "
+        f"B={cfg.batch_size} P={cfg.P} steps={cfg.steps} d_c={d_c} d_s={d_s} "
+        f"client lr={client_lr if client_lr is not None else cfg.client_lr:.3g} "
+        f"engine={cfg.engine} -> {out}"
+    )
+    holds = tensor_bytes(method.client_holds)
+    infer_peak = holds + inference_peak(method.client_holds, fed.clients[0].shard, cfg.batch_size)
+    journal = Journal(out / "journal.sqlite") if method.record is not None else None
+    # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
+    run = engines.RunContext(cfg, fed, ledger, min(1, cfg.steps - 1), journal, out, log)
+    acc, diverged, cause = float("nan"), None, ""
+    try:
+        engine = engines.get(cfg.engine).for_run(run)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+    rec = Recorder(cfg, out, ledger, start, resumed, wall_before, log)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
+               file=sys.stderr, unit="step", dynamic_ncols=True)  # fmt: skip
+    try:
+        with engine:
+            engine.before_broadcast = journal_hook(journal)
+            for t in bar:
+                try:
+                    loss, _ = method.step(t, engine)
+                except Diverged as e:
+                    loss, cause = float("nan"), str(e)
+                rec.events(method.events() + engine.events)
+                engine.events.clear()
+                if loss is not None and not math.isfinite(loss):
+                    diverged = t + 1
+                    rec.diverged(diverged, cause or f"the server's training loss is {loss}")
+                    cause = cause or f"the server's training loss is {loss}"
+                    break
+                rec.train(t + 1, loss)
+                last = t + 1 == cfg.steps
+                evaluate_now = last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0)
+                if evaluate_now:
+                    acc, test_loss = evaluate(
+                        fed.client_model, method.evaluated_server, fed.task, test
+                    )
+                    rec.evaluation(t + 1, acc, test_loss)
+                if evaluate_now or (cfg.snapshot_every and (t + 1) % cfg.snapshot_every == 0):
+                    rec.snapshot({"config": cfg.to_dict(), "step": t + 1, **method.state_dict()})
+                if last or t % 10 == 0 or evaluate_now:
+                    shown = {} if loss is None else {"loss": f"{loss:.3f}"}
+                    bar.set_postfix(**shown, acc=f"{acc:.4f}", refresh=False)
+            engine.close()
+            rec.events(engine.events, when="end")  # the final check of every replica
+    finally:
+        rec.close()
+        if journal is not None:
+            journal.close()
+        bar.close()
+    client_lr = method.client_lr  # zo_lr_rule=output sets it during the run
+    summary = {
+        "method": cfg.method,
+        "engine": cfg.engine,
+        "test_acc": acc,
+        "steps": cfg.steps,
+        "sampled": cfg.sampled,
+        "wall_s": rec.wall(),
+        "d_c": d_c,
+        "d_s": d_s,
+        "client_lr": client_lr if client_lr is not None else cfg.client_lr,
+        "bytes": rec.ledger.as_dict(),
+        "client_peak_bytes": holds + engine.client_peak_bytes,
+        "client_inference_peak_bytes": infer_peak,
+        "client_ms_per_step": engine.client_ms_per_step(cfg.sampled),
+        "diverged_at": diverged,
+        "diverged_cause": cause or None,
+        "clients_in_sync": engine.verified,
+        # client processes (engine=ray/net): the largest one's peak resident memory, and the
+        # bytes the network transport counted in its frames
+        "client_peak_rss": getattr(engine, "client_peak_rss", None),
+        "wire_bytes": getattr(engine, "wire_bytes", None),
+        "rejected": rec.rejected,
+    }
+    rec.summary(summary)
+    return summary

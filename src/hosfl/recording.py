@@ -1,0 +1,73 @@
+"""What a run leaves in its folder as it goes: metrics rows (train, eval, events, divergence),
+checkpoints, and the summary at the end. The training loop (``loop.py``) says what happened;
+this file decides how it is written."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hosfl import checkpoint, runfolder
+from hosfl.config import Config
+from hosfl.metrics.ledger import ByteLedger
+
+
+class Recorder:
+    """The run folder's writer for one run or resume (``metrics.jsonl`` opened from ``start``
+    on a resume: the rows after the checkpoint are replaced, never the ones before)."""
+
+    def __init__(
+        self, cfg: Config, out: Path, ledger: ByteLedger, start: int, resumed: bool,
+        wall_before: float, log,
+    ) -> None:  # fmt: skip
+        self.cfg, self.out, self.ledger, self.log = cfg, out, ledger, log
+        self.metrics = runfolder.open_metrics(out / "metrics.jsonl", start if resumed else None)
+        self.wall_before, self.started = wall_before, time.perf_counter()
+        self.rejected = 0
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def row(self, row: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+
+    def events(self, rows: list[dict], when: str = "") -> None:
+        """Rows of what the method or the engine did (dropped contributions, resyncs...)."""
+        for row in rows:
+            self.row(row)
+            self.rejected += row["event"] == "reject"
+            what = "dropped client" if row["event"] == "reject" else "client"
+            at = when or f"step {row['step']}"
+            self.log(f"hosfl: {at}: {what} {row['client']}: {row['reason']}")
+
+    def train(self, step: int, loss: float | None) -> None:
+        self.row({"event": "train", "step": step, "loss": loss,
+                  "bytes_up": self.ledger.total("up"), "bytes_down": self.ledger.total("down"),
+                  "wall_s": round(self.wall(), 4)})  # fmt: skip
+
+    def evaluation(self, step: int, acc: float, loss: float) -> None:
+        self.row({"event": "eval", "step": step, "test_acc": acc, "test_loss": loss,
+                  "bytes": self.ledger.total(), "wall_s": self.wall()})  # fmt: skip
+
+    def diverged(self, step: int, cause: str) -> None:
+        self.log(
+            f"hosfl: training diverged at step {step}: {cause}; stopped, the last checkpoint is "
+            "kept (learning rates, mu, or the clients' inputs are the usual causes)."
+        )
+        self.row({"event": "diverged", "step": step, "cause": cause})
+
+    def snapshot(self, state: dict[str, Any]) -> None:
+        """checkpoint.pt, after the metrics it accounts for are on disk."""
+        self.metrics.flush()
+        checkpoint.save(
+            self.out / "checkpoint.pt",
+            {**state, "ledger": self.ledger.as_dict(), "wall_s": self.wall()},
+        )
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        self.metrics.close()
