@@ -16,6 +16,7 @@ from torch import nn
 from hosfl import checkpoint, zo
 from hosfl.config import ConfigError
 from hosfl.data import source
+from hosfl.methods import METHODS
 from hosfl.methods.hosfl import HOSFL, Rate
 from hosfl.protocol import ProbeReport, ProbeScalars, ScalarBroadcast
 from hosfl.replay import replay_run
@@ -247,13 +248,14 @@ def test_the_output_rule_drops_a_client_without_valid_sizes(small_cfg, bad, reas
     "settings, message",
     [
         (dict(zo_lr_rule="output", client_optimizer="adam"), "client_optimizer=sgd"),
-        (dict(zo_lr_rule="output", method="sfl-v1"), "method=hosfl"),
+        (dict(zo_lr_rule="output", method="sfl-v1"), "method=sfl-v1 does not use zo_lr_rule"),
         (dict(zo_step=0.0), "zo_step"),
-        (dict(directions="lowrank", method="zo-fl"), "lowrank directions are for method=hosfl"),
+        (dict(directions="lowrank", method="zo-fl"), "lowrank and zo_lr_rule=output are HO-SFL"),
         (dict(directions="lowrank", zo_rank=0), "zo_rank"),
         (dict(directions="lowrank", zo_lazy=0), "zo_lazy"),
     ],
 )
 def test_settings_the_client_step_cannot_take_are_refused(small_cfg, settings, message):
-    with pytest.raises(ConfigError, match=message):
-        small_cfg(**settings)
+    with pytest.raises(ConfigError, match=message):  # the config's checks, then the method's
+        cfg = small_cfg(**settings)
+        METHODS[cfg.method].check(cfg)

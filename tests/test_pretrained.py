@@ -93,8 +93,10 @@ def test_an_unknown_cut_lists_the_valid_names(tmp_path):
 
 
 def test_bfloat16_client_forwards_are_for_hosfl_only():
-    with pytest.raises(ConfigError, match="client_dtype"):
-        Config.load(None, ["method=sfl-v1", "client_dtype=bfloat16"])
+    from hosfl.methods import METHODS
+
+    with pytest.raises(ConfigError, match="sfl-v1 does not use client_dtype"):
+        METHODS["sfl-v1"].check(Config.load(None, ["method=sfl-v1", "client_dtype=bfloat16"]))
 
 
 def test_task_defaults_apply_under_the_users_settings():

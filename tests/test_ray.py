@@ -106,8 +106,8 @@ def test_a_client_killed_mid_step_is_restarted_resynced_and_the_run_is_unchanged
             fed.server.step(t, engine)
     finally:
         engine.close()
-    reasons = [r for r in fed.server.rejections if r["client"] == victim]
-    assert reasons and reasons[0]["step"] == kill_at, fed.server.rejections
+    reasons = [r for r in engine.events if r["event"] == "reject" and r["client"] == victim]
+    assert reasons and reasons[0]["step"] == kill_at, engine.events
     assert engine.verified == 3  # the restarted client caught up to the record bit for bit
     reference = run(
         small_cfg(clients=3, sampled=2, steps=steps, out=str(tmp_path / "ref")), log=lambda *a: None
@@ -133,8 +133,8 @@ def test_malformed_bytes_from_a_client_process_are_dropped_with_a_reason(small_c
         for data, reason in cases.items():
             ok, reply = engine._finish(0, [ray.put(data)], 1, 0)
             assert ok and reply is None  # dropped; the client process itself is kept
-            assert reason in fed.server.rejections[-1]["reason"], fed.server.rejections[-1]
-        assert engine.synced[0] == 0 and len(fed.server.rejections) == 3
+            assert reason in engine.events[-1]["reason"], engine.events[-1]
+        assert engine.synced[0] == 0 and len(engine.events) == 3
     finally:
         engine.close()
     assert engine.verified == 2
