@@ -16,6 +16,7 @@ run: $(STAMP) data
 
 test: $(STAMP) data
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest
 
 $(STAMP): pyproject.toml Makefile constraints.txt

@@ -19,6 +19,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from hosfl.compare import mean_sd
+
 ROWS = {
     "mean, outlier_factor=0 (before)": ["aggregate=mean", "outlier_factor=0"],
     "mean (default)": ["aggregate=mean"],
@@ -48,10 +50,6 @@ def one(args: tuple[str, list[str], int, str]) -> dict:
         evals[-3:]), "rejected": result.summary["rejected"], "folder": str(folder)}  # fmt: skip
 
 
-def sd(x: list[float]) -> float:
-    return statistics.stdev(x) if len(x) > 1 else 0.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -71,8 +69,7 @@ def main() -> None:
     for name in ROWS:
         mine = [r for r in runs if r["row"] == name]
         f, l3 = [r["final"] for r in mine], [r["last3"] for r in mine]
-        print(f"| {name} | {statistics.mean(f):.4f} ± {sd(f):.4f} | {statistics.mean(l3):.4f} ± "
-              f"{sd(l3):.4f} | {sum(r['rejected'] for r in mine)} |")  # fmt: skip
+        print(f"| {name} | {mean_sd(f)} | {mean_sd(l3)} | {sum(r['rejected'] for r in mine)} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "aggregate.json").write_text(json.dumps(runs, indent=2) + "\n")
 

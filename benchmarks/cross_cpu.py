@@ -44,9 +44,9 @@ def history(steps: int, probes: int = 5):
 def directions(kind: str):
     """A direction kind by name; ``lowrank`` at rank 2 with a basis every 5 steps (the
     parameters' matrices here have 5 to 19 columns)."""
-    from hosfl import zo
+    from hosfl import directions as dirs
 
-    return zo.Directions("lowrank", rank=2, lazy=5) if kind == "lowrank" else kind
+    return dirs.Directions("lowrank", rank=2, lazy=5) if kind == "lowrank" else kind
 
 
 def worker(kind: str, optimizer: str, exact: bool, steps: int) -> str:
@@ -83,6 +83,7 @@ def digest_under(level: str, kind: str, optimizer: str, exact: bool, steps: int)
 def cost(repeat: int = 5) -> list[dict]:
     import torch
 
+    from hosfl import directions as dirs
     from hosfl import tasks, zo
     from hosfl.config import Config
     from hosfl.methods.base import make_optimizer
@@ -94,7 +95,7 @@ def cost(repeat: int = 5) -> list[dict]:
         ps = zo.trainable(client)
         d = sum(p.numel() for p in ps)
         seeds, values = next(history(1))
-        lowrank = zo.Directions("lowrank", rank=4, lazy=50)
+        lowrank = dirs.Directions("lowrank", rank=4, lazy=50)
         for label, kind, exact in (("today, gaussian", "gaussian", False),
                                    ("today, rademacher", "rademacher", False),
                                    ("exact, rademacher", "rademacher", True),

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hosfl import directions as dirs
 from hosfl import tasks, zo
 
 
@@ -36,8 +37,8 @@ def main() -> None:
     params = zo.trainable(client)
     differing = sum(
         not torch.equal(
-            zo.rademacher(s, i, p.shape, torch.device("cpu")),
-            zo.rademacher(s, i, p.shape, device).cpu(),
+            dirs.rademacher(s, i, p.shape, torch.device("cpu")),
+            dirs.rademacher(s, i, p.shape, device).cpu(),
         )
         for s in (0, 1, 2**31 - 1)
         for i, p in enumerate(params)

@@ -25,6 +25,7 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
+from hosfl.compare import mean_sd
 from hosfl.metrics.plots import load_run
 
 OUT = Path("benchmarks/results/findings")
@@ -101,12 +102,6 @@ def _evals(out: Path) -> list[tuple[int, float]]:
     return [(e["step"], e["test_acc"]) for e in load_run(out)["evals"]]
 
 
-def _stats(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.4f} (one seed)" if values else "–"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def table() -> str:
     lines = [
         "| task, cut | method | seeds | final accuracy | mean of last 3 evaluations | "
@@ -138,7 +133,7 @@ def table() -> str:
                 lo, hi = statistics.mean(finals[frozen]), statistics.mean(finals[sfl])
                 gain = f"{(statistics.mean(final) - lo) / (hi - lo):.2f}" if hi - lo else "–"
             lines.append(
-                f"| {task}, {cut} | {name} | {len(done)} | {_stats(final)} | {_stats(last3)} | "
+                f"| {task}, {cut} | {name} | {len(done)} | {mean_sd(final)} | {mean_sd(last3)} | "
                 f"{gain} | {drop:.1f} |"
             )
     return "\n".join(lines)

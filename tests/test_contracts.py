@@ -2,6 +2,8 @@
 failed before its fix: probes of parameters used outside their module, a probe that raises,
 engines left open, a client that lies, dropout, settings a method ignores, data mistakes."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,9 +11,12 @@ from test_library import autompg, r2
 from torch import nn
 
 import hosfl
-from hosfl import zo
+from hosfl import engines, zo
 from hosfl.config import METHOD_SETTINGS
+from hosfl.edge.process import ClientProcess
+from hosfl.engines.remote import RemoteEngine
 from hosfl.methods import METHODS
+from hosfl.protocol import Synced, decode, encode
 
 
 class Functional(nn.Module):
@@ -150,3 +155,49 @@ def test_a_dropout_model_is_bit_identical_across_runs_and_a_kill_and_resume(meth
         for part in ("client_model", "server_model"):
             mine, theirs = getattr(a, part).state_dict(), getattr(other, part).state_dict()
             assert all(torch.equal(mine[k], theirs[k]) for k in mine), (method, part)
+
+
+class LyingEngine(RemoteEngine):
+    """Client processes as objects of this process (the remote engine's whole logic, no
+    transport); client 1 answers every digest with another one, as a forged client would."""
+
+    LIAR = 1
+
+    @classmethod
+    def for_run(cls, run):
+        return cls(run.cfg, run.fed.server, run.ledger, run.measure_step, run.journal)
+
+    def __init__(self, cfg, method, ledger, measure_step, journal):
+        super().__init__(cfg, method, ledger, measure_step, journal)
+        threads = torch.get_num_threads()
+        self.procs = {c: ClientProcess(cfg.to_dict(), c, threads) for c in range(cfg.clients)}
+
+    def _post(self, cid, data):
+        reply = self.procs[cid].handle(data)
+        if cid == self.LIAR and reply is not None:
+            msg = decode(reply)
+            if isinstance(msg, Synced):
+                reply = encode(Synced(msg.step, msg.digest ^ 1))
+        return reply
+
+    def _collect(self, cid, handles, timeout):
+        return list(handles)
+
+    def _restart(self, cid):
+        pass
+
+    def _release(self):
+        pass
+
+
+def test_a_client_that_lies_about_its_digest_is_dropped_and_the_run_completes(
+    small_cfg, monkeypatch
+):
+    monkeypatch.setitem(engines.ENGINES, "liar", ("test_contracts:LyingEngine", ""))
+    cfg = small_cfg(clients=3, sampled=2, steps=6, check_every=2, engine="liar")
+    result = hosfl.run(cfg, log=lambda *a: None)
+    rows = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    dropped = [r for r in rows if r["event"] == "reject" and "did not take" in r["reason"]]
+    assert dropped and {r["client"] for r in dropped} == {LyingEngine.LIAR}
+    assert json.loads((result.out / "summary.json").read_text())["clients_in_sync"] == 2
+    assert result.steps == 6

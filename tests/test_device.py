@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import hosfl
-from hosfl import devices, runner, zo
+from hosfl import devices, runner
+from hosfl import directions as dirs
 from hosfl.engines.local import LocalEngine
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.metrics.memory import CudaPeakMeter, LiveTensorMeter, meter
@@ -169,8 +170,8 @@ def test_cuda_run_places_every_model_and_batch_on_the_device(small_cfg):
 @CUDA
 def test_cuda_rademacher_directions_match_the_cpu_bits():
     like = torch.empty(70001, device="cuda")
-    assert torch.equal(zo.rademacher(3, 1, like.shape, like.device).cpu(),
-                       zo.rademacher(3, 1, like.shape, torch.device("cpu")))  # fmt: skip
+    assert torch.equal(dirs.rademacher(3, 1, like.shape, like.device).cpu(),
+                       dirs.rademacher(3, 1, like.shape, torch.device("cpu")))  # fmt: skip
 
 
 @CUDA

@@ -14,10 +14,12 @@ from conftest import journal_entries
 from torch import nn
 
 from hosfl import checkpoint, zo
+from hosfl import directions as dirs
 from hosfl.config import ConfigError
 from hosfl.data import source
 from hosfl.methods import METHODS
-from hosfl.methods.hosfl import HOSFL, Rate
+from hosfl.methods.controls import Rate
+from hosfl.methods.hosfl import HOSFL
 from hosfl.protocol import ProbeReport, ProbeScalars, ScalarBroadcast
 from hosfl.replay import replay_run
 from hosfl.runner import build, load_models, run
@@ -74,7 +76,7 @@ def _directions(model, seed, kind):
                       for i, p in enumerate(zo.trainable(model))])  # fmt: skip
 
 
-LOWRANK = zo.Directions("lowrank", rank=1, lazy=1, salt=3)
+LOWRANK = dirs.Directions("lowrank", rank=1, lazy=1, salt=3)
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", LOWRANK.at(5)])
@@ -97,7 +99,7 @@ def test_the_jvp_estimate_is_unbiased_and_its_error_falls_like_one_over_sqrt_n(k
     mu = 1e-3
     terms = []
     for seed in range(n):  # ĝ = v u / μ with v = λᵀ(μ J u): one probe each, one a step
-        how = kind.at(seed) if isinstance(kind, zo.Directions) else kind
+        how = kind.at(seed) if isinstance(kind, dirs.Directions) else kind
         u = _directions(model, seed, how)
         with torch.no_grad():
             terms.append(zo.project(lam, zo.jvp(model, x, seed, mu, how)) / mu * u)
@@ -126,7 +128,7 @@ def test_a_jvp_run_learns_and_replays_bit_for_bit(small_cfg, tmp_path):
 
 
 def test_lowrank_directions_keep_one_basis_for_zo_lazy_steps():
-    how = zo.Directions("lowrank", rank=2, lazy=3, salt=7)
+    how = dirs.Directions("lowrank", rank=2, lazy=3, salt=7)
     w = torch.zeros(6, 4, 3)  # a convolution-shaped weight, read as a 6 × 12 matrix
 
     def u(seed, step, salted=how):
@@ -137,7 +139,7 @@ def test_lowrank_directions_keep_one_basis_for_zo_lazy_steps():
 
     assert rank(u(1, 0), u(2, 2)) == 2  # steps 0-2 share V: every row in its span
     assert rank(u(1, 0), u(2, 3)) == 4  # step 3 draws another
-    assert not torch.equal(u(1, 0), u(1, 0, zo.Directions("lowrank", 2, 3, salt=8)))
+    assert not torch.equal(u(1, 0), u(1, 0, dirs.Directions("lowrank", 2, 3, salt=8)))
     assert set((u(1, 0) * math.sqrt(2)).round().unique().tolist()) <= {-2.0, 0.0, 2.0}
     many = torch.stack([u(s, s) for s in range(300)])
     assert float(many.pow(2).mean()) == pytest.approx(1.0, abs=0.05)  # E[u²] = 1, as ±1

@@ -94,7 +94,7 @@ def test_exact_updates_replay_and_resume_bit_for_bit(small_cfg, tmp_path, optimi
 def test_a_replica_restored_from_the_record_continues_exactly_as_the_record(
     small_cfg, directions, optimizer, momentum
 ):
-    from hosfl.methods.hosfl import Replica
+    from hosfl.methods.replica import Replica
     from hosfl.protocol import ScalarBroadcast, decode, encode
     from hosfl.runner import build
 

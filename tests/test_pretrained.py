@@ -14,8 +14,8 @@ from hosfl import adapt, tasks
 from hosfl.config import Config, ConfigError
 from hosfl.data import partition, sentences
 from hosfl.data.fashion_mnist import DataError
+from hosfl.packages import MissingPackage
 from hosfl.runner import run
-from hosfl.tasks.base import MissingPackage
 from hosfl.tasks.language import bert_stages, opt_stages
 from hosfl.tasks.vision import Cifar10ResNet18, GreyToRGB, resnet18, torchvision_keys
 
@@ -204,7 +204,7 @@ def test_the_frozen_word_embeddings_are_not_in_d_c_and_do_not_move(tmp_path):
 
 
 def test_the_zeroth_order_rate_is_c_p_over_d_under_both_caps():
-    from hosfl.methods.hosfl import zo_lr
+    from hosfl.methods.replica import zo_lr
 
     cfg = Config.from_dict({"zo_lr_rule": "dimension", "P": 5})  # c = 50, no zo_lr_max
     assert zo_lr(cfg, 10_000, 0.05) == pytest.approx(50 * 5 / 10_000)

@@ -13,7 +13,8 @@ from conftest import only_read
 
 from hosfl.engines.ray import ClientProcess, RayEngine
 from hosfl.journal import Journal
-from hosfl.methods.base import digest, sample_clients
+from hosfl.methods.shard import sample_clients
+from hosfl.methods.weights import digest
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.protocol import CatchUp, SmashedData, decode, encode
 from hosfl.runner import build, run

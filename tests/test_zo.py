@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from hosfl import directions as dirs
 from hosfl import zo
 
 
@@ -167,14 +168,14 @@ def test_stateless_sgd_update_matches_torch_sgd_without_a_gradient_buffer():
 
 
 def _reference_rademacher(seed, index, n):
-    """The spec of ``zo.rademacher`` in plain Python integers: what any device must produce."""
+    """The spec of ``dirs.rademacher`` in plain Python integers: what any device must produce."""
 
     def mix(x):
         x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
         x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    key = zo._stream_seed(seed, index)
+    key = dirs._stream_seed(seed, index)
     k1, k2 = key & 0xFFFFFFFF, key >> 32 & 0xFFFFFFFF
     return [1 - 2 * (mix(mix(i ^ k1) ^ k2) >> 31) for i in range(n)]
 
@@ -184,21 +185,21 @@ def _reference_rademacher(seed, index, n):
     [(0, 0, (7,)), (12345, 3, (40, 25)), (2**31 - 1, 9, (3, 4, 5)), (7, 2, (300, 300))],
 )  # the last spans two of the 64 Ki-element slices the hash is computed in
 def test_rademacher_directions_follow_their_integer_spec(seed, index, shape):
-    u = zo.rademacher(seed, index, torch.Size(shape), torch.device("cpu"))
+    u = dirs.rademacher(seed, index, torch.Size(shape), torch.device("cpu"))
     assert u.shape == shape and u.dtype == torch.float32
     assert u.flatten().int().tolist() == _reference_rademacher(seed, index, u.numel())
-    assert abs(float(zo.rademacher(seed, index, torch.Size([20000]), u.device).mean())) < 0.05
+    assert abs(float(dirs.rademacher(seed, index, torch.Size([20000]), u.device).mean())) < 0.05
 
 
 def test_the_cpu_and_accelerator_forms_of_the_counter_hash_give_the_same_bits():
     # numpy's wrapping uint32 on a CPU; torch int64 ops elsewhere (run here on the CPU)
-    key = zo._stream_seed(99, 4)
+    key = dirs._stream_seed(99, 4)
     for a, b in [(0, 1000), (70000, 71003), (2**32 - 5, 2**32)]:
-        cpu = zo._counter_bits(key, a, b, torch.device("cpu"))
-        other = zo._counter_bits_torch(key, a, b, torch.device("cpu"))
+        cpu = dirs._counter_bits(key, a, b, torch.device("cpu"))
+        other = dirs._counter_bits_torch(key, a, b, torch.device("cpu"))
         assert cpu.dtype == other.dtype == torch.int64 and torch.equal(cpu, other)
     with pytest.raises(ValueError, match="2\\*\\*32 elements"):
-        zo._counter_bits(key, 0, 2**32 + 1, torch.device("cpu"))
+        dirs._counter_bits(key, 0, 2**32 + 1, torch.device("cpu"))
 
 
 def test_rademacher_estimate_is_unbiased_on_a_small_mlp():
@@ -235,10 +236,10 @@ def test_bf16_probes_with_stochastic_rounding_keep_the_estimate_unbiased():
     assert 0.9 < ratio[True] < 1.1
     assert ratio[False] > 1.4
     w = torch.tensor([1.0 + 2**-9, -1.0 - 2**-9, 3.0])  # a quarter of the way up; exact
-    rounded = torch.stack([zo.round_bf16(w, s, 0) for s in range(4000)])
+    rounded = torch.stack([dirs.round_bf16(w, s, 0) for s in range(4000)])
     assert torch.equal(rounded.bfloat16().float(), rounded)  # bfloat16 values exactly
     assert rounded[:, 0].mean().item() == pytest.approx(1.0 + 2**-9, abs=2e-4)
     assert rounded[:, 1].mean().item() == pytest.approx(-1.0 - 2**-9, abs=2e-4)
     assert (rounded[:, 2] == 3.0).all()
     big = torch.randn(70_000)  # hashed in two slices: an element's bits depend on its index only
-    assert torch.equal(zo.round_bf16(big, 5, 1)[:1000], zo.round_bf16(big[:1000], 5, 1))
+    assert torch.equal(dirs.round_bf16(big, 5, 1)[:1000], dirs.round_bf16(big[:1000], 5, 1))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hosfl.tasks.base import need
+from hosfl.packages import need
 
 
 def freeze(model: nn.Module, names: str) -> None:

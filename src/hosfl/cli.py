@@ -13,8 +13,8 @@ from hosfl import methods as registry
 from hosfl.checkpoint import CheckpointError
 from hosfl.config import Config, ConfigError
 from hosfl.data.fashion_mnist import DataError
+from hosfl.packages import MissingPackage
 from hosfl.protocol import ProtocolError
-from hosfl.tasks.base import MissingPackage
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ProtocolError, MissingPackage)
 

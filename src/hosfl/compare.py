@@ -105,9 +105,11 @@ def _for(method: str, overrides: list[str]) -> list[str]:
     return chosen
 
 
-def _mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` over seeds (the project's one form of it), or the value marked as one
+    seed, or a dash where there is none."""
     if len(values) < 2:
-        return f"{values[0]:.4f} (one seed)"
+        return f"{values[0]:.4f} (one seed)" if values else "–"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
@@ -128,8 +130,8 @@ def seeds_markdown(rows: list[dict]) -> str:
     for m, rs in by.items():
         gain = (final[m] - final["frozen"]) / (final["sfl-v1"] - final["frozen"]) if ok else None
         lines.append(
-            f"| {m} | {len(rs)} | {_mean_sd([r['final_acc'] for r in rs])} "
-            f"| {_mean_sd([r['last3_acc'] for r in rs])} "
+            f"| {m} | {len(rs)} | {mean_sd([r['final_acc'] for r in rs])} "
+            f"| {mean_sd([r['last3_acc'] for r in rs])} "
             f"| {'—' if gain is None else f'{gain:.2f}'} "
             f"| {max(r['largest_fall'] for r in rs):.1f} "
             f"| {statistics.mean(r['client_ms_per_step'] for r in rs):.1f} |"

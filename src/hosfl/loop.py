@@ -16,7 +16,8 @@ from tqdm import tqdm
 from hosfl import checkpoint, engines
 from hosfl.config import Config
 from hosfl.journal import Journal
-from hosfl.methods.base import Diverged, Shard
+from hosfl.methods.base import Diverged
+from hosfl.methods.shard import Shard
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.metrics.memory import meter, tensor_bytes
 from hosfl.protocol import Message, ProtocolError

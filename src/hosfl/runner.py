@@ -26,7 +26,8 @@ from hosfl.config import Config, ConfigError
 from hosfl.data import source
 from hosfl.data.partition import histogram
 from hosfl.journal import Journal
-from hosfl.methods.base import ClientRole, Method, Shard
+from hosfl.methods.base import ClientRole, Method
+from hosfl.methods.shard import Shard
 from hosfl.metrics.ledger import ByteLedger
 from hosfl.tasks.base import Task
 

@@ -5,9 +5,11 @@
     apply_update_(params, ...)      ĝ = 1/(Pμ) Σ_p v̄_p u_p, one optimizer step on θ
     replay_(params, history, ...)   apply_update_ for every (seeds, v̄) of a history
 
-Directions are never stored: ``direction(seed, i, p, how)`` regenerates u for parameter i from
-(seed, i) (and, for low-rank directions, the step: ``Directions``), so every machine gets the
-same bits and no d_c-sized vector ever exists (the largest temporary is one parameter tensor).
+Directions are never stored: ``direction(seed, i, p, how)`` (``directions.py``) regenerates u
+for parameter i from (seed, i) (and, for low-rank directions, the step: ``Directions``), so
+every machine gets the same bits and no d_c-sized vector ever exists (the largest temporary is
+one parameter tensor). ``exact.py``'s ``ExactOptimizer`` applies updates with the same bits on
+every machine.
 
 Why perturbed() does not add μu to θ and subtract it again, as MeZO does: (θ + μu) − μu is not
 θ in floating point, so every probe would leave rounding drift in θ that a client replaying the
@@ -22,187 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK63 = (1 << 63) - 1
-
-
-def _stream_seed(seed: int, index: int) -> int:
-    """A 63-bit generator seed for (probe seed, parameter index); splitmix64 finaliser."""
-    x = (seed * _GOLDEN + index + 1) & ((1 << 64) - 1)
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return (x ^ (x >> 31)) & _MASK63
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    """(a · c) mod 2³² for int64 ``a`` in [0, 2³²): split so that no product passes 2⁴⁹."""
-    return (((a >> 16) * (c & 0xFFFF)) << 16) + (a & 0xFFFF) * c & _M32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer (xorshift-multiply, "lowbias32" constants), in int64 ops."""
-    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
-    x = _mul32(x ^ (x >> 15), 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-_U16, _U15 = np.uint32(16), np.uint32(15)
-_C1, _C2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
-
-
-def _counter_bits_np(key: int, start: int, stop: int) -> np.ndarray:
-    """``_counter_bits`` on the CPU: the same function in numpy's uint32, whose multiply wraps
-    mod 2³² as the hash wants (one operation where the int64 form needs five): ~12× faster,
-    the same bits (tested)."""
-    x = np.arange(start, stop, dtype=np.uint32)
-    for k in (key & _M32, key >> 32 & _M32):
-        x ^= np.uint32(k)
-        x ^= x >> _U16
-        x *= _C1
-        x ^= x >> _U15
-        x *= _C2
-        x ^= x >> _U16
-    return x
-
-
-def _counter_bits(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """32 random bits (int64) for element indices start..stop-1: hash(hash(i ⊕ k₁) ⊕ k₂),
-    k = (k₂, k₁). Indices must be below 2³² (a parameter of fewer than 4 Gi elements)."""
-    if stop > 1 << 32:
-        raise ValueError(f"the counter hash covers 2**32 elements per parameter, not {stop}")
-    if device.type == "cpu":
-        return torch.from_numpy(_counter_bits_np(key, start, stop).astype(np.int64))
-    return _counter_bits_torch(key, start, stop, device)
-
-
-def _counter_bits_torch(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """The hash in torch's int64 ops, on any device (an accelerator's path)."""
-    i = torch.arange(start, stop, dtype=torch.int64, device=device)
-    return _hash32(_hash32(i ^ (key & _M32)) ^ (key >> 32 & _M32))
-
-
-def _slices(n: int, step: int) -> Iterator[tuple[int, int]]:
-    """(start, stop) ranges covering 0..n-1, ``step`` elements each (the last one shorter)."""
-    for a in range(0, n, step):
-        yield a, min(n, a + step)
-
-
-def _hash_slices(n: int, device: torch.device) -> Iterator[tuple[int, int]]:
-    """Element ranges for counter-hash work: the hash's int64 temporaries are 2-3× a float32
-    tensor's size, so a large parameter is hashed a slice at a time (64 Ki elements on a CPU,
-    where the slice stays in cache; 16 Mi on an accelerator, where launches cost more). Each
-    element's bits depend only on its index, so the slicing never changes them."""
-    return _slices(n, 1 << 16 if device.type == "cpu" else 1 << 24)
-
-
-def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """±1 entries, element i = sign bit of hash(hash(i ⊕ k₁) ⊕ k₂), (k₁, k₂) from (seed, index).
-
-    Integer ops only, computed where the parameter lives: every device (CPU, CUDA, another
-    machine) gets the same bits, unlike torch's per-device generators."""
-    key, n = _stream_seed(seed, index), math.prod(shape)
-    out = torch.empty(n, dtype=torch.float32, device=device)
-    for a, b in _hash_slices(n, out.device):
-        if out.device.type == "cpu":  # numpy's uint32 hash, no int64 round trip
-            sign = (_counter_bits_np(key, a, b) >> np.uint32(31)).astype(np.float32)
-            out[a:b] = torch.from_numpy(1 - 2 * sign)
-        else:
-            out[a:b] = 1 - 2 * (_counter_bits(key, a, b, out.device) >> 31)
-    return out.reshape(shape)
-
-
-def round_bf16(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-    """``w`` (float32) stochastically rounded to a bfloat16 value, held in float32: up or down
-    to a neighbour with probability in proportion to the distance, so E[round(w)] = w.
-
-    A perturbation μu far below bfloat16's resolution (2⁻⁸ relative) would vanish under
-    round-to-nearest, and the zeroth-order estimate with it (biased toward 0 on large weights);
-    stochastically rounded, θ + μu stays unbiased and its bfloat16 cast is exact. The random
-    bits come from the counter hash keyed by (probe seed, parameter index): replicas round
-    alike."""
-    key = _stream_seed(seed, index + (1 << 32))  # a stream apart from the directions'
-    flat = w.reshape(-1)
-    out = torch.empty_like(flat)
-    for a, b in _hash_slices(flat.numel(), w.device):
-        noise = _counter_bits(key, a, b, w.device) & 0xFFFF
-        bits = flat[a:b].view(torch.int32).to(torch.int64) & _M32
-        bits = (bits + noise) & 0xFFFF0000  # on the magnitude: away from zero w.p. the remainder
-        bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
-        out[a:b] = bits.to(torch.int32).view(torch.float32)
-    return out.reshape(w.shape)
-
-
-@dataclass(frozen=True)
-class Directions:
-    """How a probe's direction u is drawn, and at which step (``lowrank`` needs the step).
-
-    ``gaussian``: N(0, I) from a CPU generator; ``rademacher``: ±1 from a counter hash on the
-    parameter's own device; ``lowrank``: each matrix's u is U·Vᵀ/√r (a weight of shape
-    (m, ...) read as an m × n matrix, n the product of the other sizes), U (m × r) drawn
-    afresh for every probe and V (n × r) kept for ``lazy`` steps, both ±1 from the counter
-    hash (Chen et al., "Enhancing zeroth-order fine-tuning for language models with low-rank
-    structures" (LoZO), ICLR 2025: low-rank directions, V lazily resampled). Vectors, and
-    matrices with r ≥ min(m, n), get ±1 entries. Each entry of U·Vᵀ is a sum of r products
-    of ±1, an integer exact in float32 whatever the order of the sum, times the float32 1/√r:
-    the same bits on every machine, and E[u_i²] = 1 as for ±1. Over one basis
-    E[u uᵀ] = I ⊗ VVᵀ/r (the step stays in the rows' r-dimensional span of V); over the
-    bases, E[u uᵀ] = I. ``salt`` (the run's seed) makes each run draw its own bases."""
-
-    kind: str = "gaussian"
-    rank: int = 0
-    lazy: int = 1
-    salt: int = 0
-    step: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("gaussian", "rademacher", "lowrank"):
-            raise ValueError(f"unknown directions {self.kind!r} (gaussian, rademacher, lowrank)")
-        if self.kind == "lowrank" and not (self.rank >= 1 and self.lazy >= 1):
-            raise ValueError(f"lowrank directions need rank >= 1 and lazy >= 1, got {self}")
-
-    @classmethod
-    def of(cls, cfg) -> Directions:
-        """The directions a config asks for (at step 0)."""
-        return cls(cfg.directions, cfg.zo_rank, cfg.zo_lazy, cfg.seed)
-
-    def at(self, step: int) -> Directions:
-        return replace(self, step=step)
-
-    def basis(self, index: int, n: int, device: torch.device) -> torch.Tensor:
-        """V (n × r) of parameter ``index`` for this step's window of ``lazy`` steps."""
-        window = _stream_seed(self.salt, self.step // self.lazy)
-        return rademacher(window, index + (2 << 32), torch.Size((n, self.rank)), device)
-
-
-def direction(
-    seed: int, index: int, like: torch.Tensor, kind: str | Directions = "gaussian"
-) -> torch.Tensor:
-    """u shaped like parameter number ``index``, regenerated from ``seed`` (``Directions``:
-    how; a name is that kind at step 0)."""
-    how = Directions(kind) if isinstance(kind, str) else kind
-    if how.kind == "lowrank" and like.dim() >= 2:
-        m = like.shape[0]
-        n = like.numel() // m
-        if how.rank < min(m, n):
-            u = rademacher(seed, index, torch.Size((m, how.rank)), like.device)
-            uv = u @ how.basis(index, n, like.device).T
-            return uv.mul_(_f32(1 / math.sqrt(how.rank))).reshape(like.shape).to(like.dtype)
-    if how.kind in EXACT_DIRECTIONS:
-        return rademacher(seed, index, like.shape, like.device).to(like.dtype)
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(_stream_seed(seed, index))
-    u = torch.randn(like.shape, generator=gen, dtype=torch.float32)
-    return u.to(device=like.device, dtype=like.dtype)
+from hosfl.directions import Directions, direction, f32, round_bf16, slices
+from hosfl.exact import ExactOptimizer
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -310,7 +138,7 @@ def project(lam: torch.Tensor, z: torch.Tensor) -> float:
     where z is large (an early cut of a vision model)."""
     lam, z = lam.reshape(-1), z.reshape(-1)
     total = sum(
-        torch.dot(lam[a:b].double(), z[a:b].double()) for a, b in _slices(lam.numel(), _DOT_SLICE)
+        torch.dot(lam[a:b].double(), z[a:b].double()) for a, b in slices(lam.numel(), _DOT_SLICE)
     )  # summed where the tensors are: one host synchronisation, the float below
     return float(total)
 
@@ -321,7 +149,7 @@ def distance(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
     b = None if b is None else b.reshape(-1)
     total = sum(
         (a[i:j].double() - (0 if b is None else b[i:j].double())).square().sum()
-        for i, j in _slices(a.numel(), _DOT_SLICE)
+        for i, j in slices(a.numel(), _DOT_SLICE)
     )
     return math.sqrt(float(total))
 
@@ -332,107 +160,6 @@ def estimate(lam: torch.Tensor, z_perturbed: torch.Tensor, base: float) -> float
     Taking λᵀ f(θ) once lets the client drop f(θ) before probing: during the probes it holds
     its inputs and λ, and nothing else beyond an inference forward."""
     return project(lam, z_perturbed) - base
-
-
-EXACT_DIRECTIONS = ("rademacher", "lowrank")  # directions whose bits, and updates, match anywhere
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to the nearest float32, as a Python float: a scalar that a float32 kernel
-    then reads exactly, whatever its own conversion of a double would be."""
-    return float(np.float32(x))
-
-
-class ExactOptimizer:
-    """The client optimizer of a zeroth-order replica (SGD, SGD with momentum, Adam), written
-    so that every IEEE-754 machine computes the same bits.
-
-    Each tensor operation below rounds once and none can be fused with another: every kernel
-    is a single add, multiply, divide or square root of float32 values (correctly rounded by
-    IEEE-754, vectorised or not, on a CPU or a GPU), every scalar is rounded to float32 on the
-    host first (so no kernel converts a double its own way), and an ``add`` only ever adds
-    (alpha 1: a fused multiply-add by 1 is exact). torch.optim's kernels do not promise this:
-    ``add_(x, alpha=-lr)``, ``addcmul_`` and ``lerp_`` are fused on some CPUs and not others.
-
-        sgd       θ ← θ − lr·g                   (lr folded into g: see apply_update_)
-        momentum  b ← β·b + g;  θ ← θ − lr·b      (b = g at the first step, as torch.optim)
-        adam      m ← β₁·m + (1−β₁)·g;  v ← β₂·v + (1−β₂)·g·g
-                  θ ← θ − (lr/(1−β₁ᵗ))·m / (√(v/(1−β₂ᵗ)) + ε)
-
-    ``param_groups[0]["lr"]`` is the learning rate (read by the runner and the update check);
-    ``state_dict()`` / ``load_state_dict()`` hold the step count and the buffers.
-    """
-
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        kind: str,
-        lr: float,
-        momentum: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ) -> None:
-        if kind not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer {kind!r} (valid: sgd, adam)")
-        if not (lr >= 0 and math.isfinite(lr)) or not 0 <= momentum < 1:
-            raise ValueError(f"lr={lr!r}, momentum={momentum!r}: need lr >= 0, 0 <= momentum < 1")
-        self.params, self.kind = list(params), kind
-        self.param_groups = [{"lr": lr, "momentum": momentum, "betas": betas, "eps": eps}]
-        self.t = 0
-        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
-
-    @property
-    def folds_lr(self) -> bool:
-        """Plain SGD: the rate is folded into the update's coefficients."""
-        return self.kind == "sgd" and not self.param_groups[0]["momentum"]
-
-    def begin(self) -> None:
-        self.t += 1
-
-    @torch.no_grad()
-    def update_(self, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
-        """One step of parameter ``i`` (``p``) along its estimate ``g`` (float32, p's shape)."""
-        group = self.param_groups[0]
-        lr = group["lr"]
-        if self.folds_lr:
-            p.add_(g)  # g is already −lr·ĝ: one rounding
-            return
-        state = self.buffers.setdefault(i, {})
-        if self.kind == "sgd":
-            if "momentum" not in state:
-                state["momentum"] = g.clone()
-            else:
-                state["momentum"].mul_(_f32(group["momentum"])).add_(g)
-            p.sub_(state["momentum"] * _f32(lr))
-            return
-        b1, b2 = group["betas"]
-        if "m" not in state:
-            state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
-        m, v = state["m"], state["v"]
-        m.mul_(_f32(b1)).add_(g * _f32(1 - b1))
-        v.mul_(_f32(b2)).add_((g * g).mul_(_f32(1 - b2)))
-        denom = (v / _f32(1 - b2**self.t)).sqrt_().add_(_f32(group["eps"]))
-        p.sub_((m * _f32(lr / (1 - b1**self.t))).div_(denom))
-
-    def state_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "t": self.t,
-            "group": dict(self.param_groups[0]),
-            "buffers": {i: dict(b) for i, b in self.buffers.items()},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != self.kind:
-            raise ValueError(f"optimizer state of a {state.get('kind')!r}, not {self.kind!r}")
-        self.t = int(state["t"])
-        group = dict(state["group"])
-        group["betas"] = tuple(group["betas"])
-        self.param_groups = [group]
-        # a checkpoint is loaded on the CPU: each buffer goes where its parameter lives
-        self.buffers = {int(i): {k: v.to(self.params[int(i)].device, copy=True)
-                                 for k, v in b.items()}
-                        for i, b in state["buffers"].items()}  # fmt: skip
 
 
 def _plain_sgd_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float] | None:
@@ -497,7 +224,7 @@ def _exact_update_(
     params, seeds, scalars, mu, optimizer: ExactOptimizer, kind: str | Directions
 ) -> None:
     scale = -optimizer.param_groups[0]["lr"] if optimizer.folds_lr else 1.0
-    coef = [_f32(scale * float(v) / (len(seeds) * mu)) for v in scalars]
+    coef = [f32(scale * float(v) / (len(seeds) * mu)) for v in scalars]
     optimizer.begin()
     for i, p in enumerate(params):
         acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)

@@ -22,8 +22,8 @@ from hosfl.config import Config, ConfigError
 from hosfl.edge import keys, wire
 from hosfl.edge.process import ClientProcess
 from hosfl.metrics.memory import process_peak_rss
+from hosfl.packages import MissingPackage
 from hosfl.protocol import ProtocolError, StepPlan, decode
-from hosfl.tasks.base import MissingPackage
 
 # what a client may set for itself: where and how it computes, never what it computes
 LOCAL_KEYS = ("device", "client_device", "client_threads")
@@ -78,7 +78,10 @@ class EdgeClient:
             raise ProtocolError("the server's config is not a JSON object")
         cfg = Config.from_dict({**config, **self.overrides}, source="the server's config")
         cfg.validate()
-        self.process = ClientProcess(cfg.to_dict(), self.cid, cfg.client_threads or 1)
+        try:
+            self.process = ClientProcess(cfg.to_dict(), self.cid, cfg.client_threads or 1)
+        except ValueError as e:  # a task that does not import here, a cut it does not have...
+            raise ConfigError(str(e)) from None
         self.config = config
         self.log(f"client {self.cid}: ready ({cfg.task}, {cfg.method}); {_peak()}")
 
@@ -101,6 +104,7 @@ class EdgeClient:
 
         metadata = ((wire.CLIENT_KEY, str(self.cid)), (wire.AUTH_KEY, f"Bearer {self.token}"))
         channel = self._channel()
+        unbuilt: Exception | None = None  # why this client cannot build the server's run
         try:
             stub = channel.stream_stream(wire.METHOD)  # bytes both ways: no (de)serializer
             for data in stub(frames(), metadata=metadata):
@@ -108,7 +112,13 @@ class EdgeClient:
                 if frame.kind == wire.BYE:
                     return True
                 if frame.kind == wire.WELCOME:
-                    self._build(frame.payload)
+                    try:
+                        self._build(frame.payload)
+                    except (ConfigError, MissingPackage) as e:
+                        # said to the server (its log names the reason), which ends the session
+                        unbuilt = e
+                        outbox.put(wire.Frame(wire.ERROR, self.cid, 0, str(e).encode()).pack())
+                        continue
                     outbox.put(wire.Frame(wire.READY, self.cid, 0).pack())
                     continue
                 if self.process is None:
@@ -116,6 +126,8 @@ class EdgeClient:
                 outbox.put(self._answer(frame).pack())
                 if _is_plan(frame.payload):
                     self.log(f"client {self.cid}: step {decode(frame.payload).step}; {_peak()}")
+            if unbuilt is not None:
+                raise unbuilt
             return False
         except ProtocolError as e:
             self.log(f"client {self.cid}: the server sent a bad frame ({e}); reconnecting")

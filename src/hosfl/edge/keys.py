@@ -21,7 +21,7 @@ import secrets
 from pathlib import Path
 
 from hosfl.config import ConfigError
-from hosfl.tasks.base import MissingPackage
+from hosfl.packages import MissingPackage
 
 CERT, KEY = "server.crt", "server.key"
 

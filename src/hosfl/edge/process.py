@@ -11,7 +11,7 @@ import torch
 
 from hosfl import methods, tasks
 from hosfl.config import Config
-from hosfl.methods.base import Shard
+from hosfl.methods.shard import Shard
 from hosfl.metrics.memory import meter, process_peak_rss
 from hosfl.protocol import (
     CatchUp,

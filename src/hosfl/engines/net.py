@@ -188,6 +188,11 @@ class Gateway:
                 if frame.cid != session.cid:
                     why = f"a frame for client {frame.cid} from client {session.cid}'s session"
                     self._refuse(session.cid, session.peer, why)
+                elif frame.kind == wire.ERROR and session.ready_at is None:
+                    # the client could not build the run (its task does not import there...)
+                    why = frame.payload.decode("utf-8", "replace")[:300]
+                    self._refuse(session.cid, session.peer, f"cannot build the run: {why}")
+                    session.close("could not build the run")
                 elif frame.kind == wire.READY and session.ready_at is None:
                     with self.joined:
                         session.ready_at = time.monotonic()

@@ -5,13 +5,14 @@ A method added by a user is one class and one call: ``hosfl.methods.register(MyM
 
 from __future__ import annotations
 
-from hosfl.methods.base import ClientRole, Diverged, Method, Shard
+from hosfl.methods.base import ClientRole, Diverged, Method
 from hosfl.methods.fedavg import FedAvg
 from hosfl.methods.frozen import Frozen
 from hosfl.methods.hosfl import HOSFL
 from hosfl.methods.hosl import HOSL
 from hosfl.methods.sfl import SplitFedV1
 from hosfl.methods.sfl_v2 import SplitFedV2
+from hosfl.methods.shard import Shard
 from hosfl.methods.zo_fl import ZOFL
 from hosfl.methods.zo_sfl import ZOSFL
 

@@ -17,16 +17,9 @@ from torch import nn
 
 from hosfl import devices, zo
 from hosfl.config import Config
-from hosfl.methods.base import (
-    ClientRole,
-    Diverged,
-    Method,
-    Shard,
-    flatten,
-    load_flat_,
-    make_optimizer,
-    shared_state,
-)
+from hosfl.methods.base import ClientRole, Diverged, Method, make_optimizer
+from hosfl.methods.shard import Shard
+from hosfl.methods.weights import flatten, load_flat_, shared_state
 from hosfl.protocol import Message, ModelWeights, ProtocolError
 
 

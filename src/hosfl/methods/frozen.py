@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from hosfl.config import Config
-from hosfl.methods.base import NO_SEEDS, ClientRole, Shard, SplitMethod, forward_group
+from hosfl.methods.base import NO_SEEDS, ClientRole
+from hosfl.methods.shard import Shard, forward_group
+from hosfl.methods.split import SplitMethod
 from hosfl.protocol import Message, ProtocolError, SmashedData, StepPlan
 
 

@@ -16,11 +16,14 @@ computes the loss differences itself, so it sends them down once, averaged, in t
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from hosfl import devices, zo
-from hosfl.config import Config, ConfigError
-from hosfl.methods.base import ZO_SETTINGS, Shard, SplitMethod
-from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient
+from hosfl.config import Config
+from hosfl.methods.base import ClientRole
+from hosfl.methods.replica import Replica, ReplicaClient, hosfl_only, probed
+from hosfl.methods.shard import Shard
+from hosfl.methods.split import ZO_SETTINGS, SplitMethod
 from hosfl.protocol import (
     Message,
     ProbeRequest,
@@ -59,20 +62,31 @@ class Client(ReplicaClient):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-class HOSL(HOSFL):
+class HOSL(SplitMethod):
     name = "hosl"
-    client_class = Client
+    seed_synced = True
     # the loss differences are the server's own mean: no aggregate, no clip, no estimator
     settings = SplitMethod.settings | ZO_SETTINGS
 
     @classmethod
     def check(cls, cfg: Config) -> None:
         super().check(cfg)
-        if cfg.directions == "lowrank" or cfg.zo_lr_rule == "output":
-            raise ConfigError(
-                f"method={cls.name}: directions=lowrank and zo_lr_rule=output are HO-SFL's "
-                "(method=hosfl)"
-            )
+        hosfl_only(cls.name, cfg)
+
+    def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
+        super().__init__(cfg, client_model, server_model, task)
+        self.replica = Replica(client_model, cfg)  # the record; in-process, every client's
+        self.client_holds = self.replica.model
+
+    @property
+    def client_lr(self) -> float:
+        return self.replica.optimizer.param_groups[0]["lr"]
+
+    def client(self, shard: Shard) -> ClientRole:
+        if self.z_shape is None:
+            self.expect_cut(shard)
+            probed(self.replica.model, shard.batch(0, 1)[0], "client part")
+        return Client(shard, self.replica, self.cfg)
 
     @torch.no_grad()
     def losses(self, zs: dict[int, torch.Tensor], ys: dict[int, torch.Tensor]) -> dict:
@@ -120,5 +134,5 @@ class HOSL(HOSFL):
             values.append(float(sum(diffs) / len(diffs)) if diffs else 0.0)
         _, loss = self.train(smashed, t)
         update = ScalarBroadcast(t, plan.seeds, torch.tensor(values, dtype=torch.float64).float())
-        self.commit(update, engine)
+        self.replica.commit(update, engine)
         return loss, update

@@ -21,17 +21,10 @@ from torch.nn.utils import parameters_to_vector
 
 from hosfl import devices, zo
 from hosfl.config import Config
-from hosfl.methods.base import (
-    NO_SEEDS,
-    ClientRole,
-    Diverged,
-    Shard,
-    SplitMethod,
-    flatten,
-    load_flat_,
-    rebind_buffers_,
-    shared_state,
-)
+from hosfl.methods.base import NO_SEEDS, ClientRole, Diverged
+from hosfl.methods.shard import Shard
+from hosfl.methods.split import SplitMethod
+from hosfl.methods.weights import flatten, load_flat_, rebind_buffers_, shared_state
 from hosfl.protocol import (
     CutGradient,
     Message,

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from hosfl import devices, zo
-from hosfl.config import Config, ConfigError
-from hosfl.methods.base import ZO_SETTINGS, ClientRole, Shard
-from hosfl.methods.hosfl import HOSFL, Replica, ReplicaClient, probed
+from hosfl.config import Config
+from hosfl.methods.base import ClientRole
+from hosfl.methods.replica import Replica, ReplicaClient, hosfl_only, probed
+from hosfl.methods.shard import Shard
+from hosfl.methods.split import ZO_SETTINGS, SplitMethod
 from hosfl.protocol import Message, ProbeScalars, ProtocolError, ScalarBroadcast, StepPlan
 
 
@@ -41,26 +43,30 @@ class Client(ReplicaClient):
         raise ProtocolError(f"client {self.shard.cid}: unexpected {type(msg).__name__}")
 
 
-class ZOFL(HOSFL):
+class ZOFL(SplitMethod):
     """The server only samples, draws seeds and averages: the whole model is the replica,
     moved by the (seeds, v̄) broadcasts, never by a server optimizer."""
 
     name = "zo-fl"
+    seed_synced = True
     settings = ZO_SETTINGS | {"aggregate", "outlier_factor"}
 
     @classmethod
     def check(cls, cfg: Config) -> None:
         super().check(cfg)
-        if cfg.directions == "lowrank" or cfg.zo_lr_rule == "output":
-            raise ConfigError(
-                f"method={cls.name}: directions=lowrank and zo_lr_rule=output are HO-SFL's "
-                "(method=hosfl)"
-            )
-    _checked = False
+        hosfl_only(cls.name, cfg)
 
-    def replicated(self) -> nn.Module:
-        # the whole model runs where the client part does
-        return nn.Sequential(self.client_model, self.server_model).to(devices.of(self.client_model))
+    def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
+        super().__init__(cfg, client_model, server_model, task)
+        # the whole model is the replica, run where the client part runs
+        whole = nn.Sequential(client_model, server_model).to(devices.of(client_model))
+        self.replica = Replica(whole, cfg)
+        self.client_holds = self.replica.model
+        self._checked = False
+
+    @property
+    def client_lr(self) -> float:
+        return self.replica.optimizer.param_groups[0]["lr"]
 
     def client(self, shard: Shard) -> ClientRole:
         if not self._checked:
@@ -71,5 +77,5 @@ class ZOFL(HOSFL):
     def step(self, t: int, engine) -> tuple[float | None, Message]:
         clients, plan = self.plan(t)
         update = self.aggregate(plan, engine.ask({m: plan for m in clients}))
-        self.commit(update, engine)
+        self.replica.commit(update, engine)
         return None, update

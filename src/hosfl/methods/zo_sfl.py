@@ -17,9 +17,9 @@ from torch import nn
 
 from hosfl import devices, zo
 from hosfl.config import Config
-from hosfl.methods.base import ZO_SETTINGS
-from hosfl.methods.hosfl import zo_lr
 from hosfl.methods.hosl import HOSL
+from hosfl.methods.replica import zo_lr
+from hosfl.methods.split import ZO_SETTINGS
 from hosfl.protocol import SmashedData
 
 

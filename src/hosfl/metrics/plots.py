@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from hosfl.checkpoint import CheckpointError
-from hosfl.tasks.base import MissingPackage
+from hosfl.packages import MissingPackage
 
 
 def load_run(folder: str | Path) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Any
@@ -160,15 +159,3 @@ class ModelTask(Task):
         if cfg.clients != len(self._shards):
             raise ValueError(f"clients={cfg.clients}: {self.name} has {len(self._shards)} clients")
         return list(self._shards)
-
-
-class MissingPackage(RuntimeError):
-    """A task whose model or data needs a package that is not installed."""
-
-
-def need(module: str, install: str) -> Any:
-    """Import ``module`` or say which install command brings it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingPackage(f"this task needs {module!r}: {install}") from None

@@ -19,7 +19,8 @@ from torch import nn
 
 from hosfl.data import sentences
 from hosfl.data.fashion_mnist import DataError
-from hosfl.tasks.base import Task, need
+from hosfl.packages import need
+from hosfl.tasks.base import Task
 
 TRANSFORMERS = "pip install 'hosfl[pretrained]'"
 

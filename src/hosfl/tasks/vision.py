@@ -23,7 +23,8 @@ from torch import nn
 
 from hosfl.data import fashion_mnist
 from hosfl.data.fashion_mnist import DataError
-from hosfl.tasks.base import Task, need
+from hosfl.packages import need
+from hosfl.tasks.base import Task
 
 
 class GreyToRGB(nn.Module):

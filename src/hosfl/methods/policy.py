@@ -1,0 +1,66 @@
+"""Admission policy: what the server accepts from clients beyond the type checks. ``Scale``
+bounds an upload's magnitude by recent honest ones; ``blown_up`` tells a diverged computation
+(every reply non-finite) from a few bad clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from hosfl.protocol import Message, ProbeScalars, SmashedData
+
+
+class Scale:
+    """What honest clients have been sending: the magnitudes (largest absolute value) of the
+    last ``window`` admitted uploads of one kind. An upload more than ``factor`` times their
+    median, taken together with the other uploads of its own step, is rejected: a client that
+    stays inside the type checks (finite, right shape) cannot push 1e30 into the average. The
+    median resists poisoning as long as honest uploads are the majority."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.window, self.seen = window, []
+
+    def screen(self, sizes: dict[int, float], factor: float) -> dict[int, str]:
+        """The clients whose upload is out of bounds, with the reason; the others are noted."""
+        pool = self.seen + list(sizes.values())
+        out = {}
+        if factor and len(pool) >= 3:
+            ref = float(np.median(pool))
+            out = {
+                c: f"magnitude {v:.3g} is more than {factor:g}× the median of recent uploads "
+                f"({ref:.3g})"
+                for c, v in sizes.items()
+                if v > factor * max(ref, 1e-30)
+            }
+        self.seen = (self.seen + [v for c, v in sizes.items() if c not in out])[-self.window :]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = [float(v) for v in state["seen"]]
+
+
+def magnitude(msg: Message) -> float | None:
+    if isinstance(msg, SmashedData):
+        return float(msg.z.abs().max()) if msg.z.numel() else 0.0
+    if isinstance(msg, ProbeScalars):
+        return float(msg.values.abs().max()) if msg.values.numel() else 0.0
+    return None
+
+
+def blown_up(replies: dict[int, Message]) -> bool:
+    """True if every reply carries a non-finite value: the clients' own computation diverged
+    (a divergence to report, not a few bad clients to drop)."""
+    return bool(replies) and all(
+        isinstance(r, Message)
+        and any(
+            t.is_floating_point() and not bool(torch.isfinite(t).all())
+            for t in (getattr(r, name) for name in r.SCHEMA)
+            if isinstance(t, torch.Tensor)
+        )
+        for r in replies.values()
+    )

@@ -1,0 +1,216 @@
+"""The server role the split methods share (HO-SFL's, reused by the baselines): sample, draw
+seeds, admit or reject every upload, backprop the server part with the task's loss, average
+the scalars; and the settings such a server and a zeroth-order client read."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hosfl import devices
+from hosfl.config import Config
+from hosfl.methods.base import Method, make_optimizer
+from hosfl.methods.policy import Scale, magnitude
+from hosfl.methods.shard import Shard
+from hosfl.methods.weights import shared_state
+from hosfl.protocol import (
+    CutGradient,
+    Message,
+    ModelWeights,
+    ProbeReport,
+    ProbeScalars,
+    ScalarBroadcast,
+    SmashedData,
+    StepPlan,
+)
+from hosfl.tasks.base import Task
+
+# what the backprop server of a split method reads
+SERVER_SETTINGS = frozenset({"server_optimizer", "server_lr", "server_average", "server_schedule",
+                             "server_dtype", "momentum", "outlier_factor"})  # fmt: skip
+# what a zeroth-order client that probes through (seeds, v̄) reads
+ZO_SETTINGS = frozenset({"P", "mu", "directions", "client_optimizer", "client_lr", "zo_lr_rule",
+                         "zo_lr_scale", "zo_lr_max", "momentum"})  # fmt: skip
+
+
+class SplitMethod(Method):
+    """The server role of the split methods (HO-SFL's, reused by the baselines): sample,
+    draw seeds, check every upload (its type, step, shape, values, and its magnitude against
+    recent honest uploads), backprop the server part, average the scalars."""
+
+    settings = SERVER_SETTINGS
+
+    def __init__(
+        self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task: Task
+    ) -> None:
+        super().__init__(cfg, client_model, server_model, task)
+        self.model = server_model
+        self.optimizer = make_optimizer(
+            cfg.server_optimizer, server_model.parameters(), cfg.server_lr, cfg.momentum
+        )
+        # ``server_average``: an exponential average of θ_s, what evaluations run; training,
+        # λ and the journal never see it
+        self.averaged = (
+            copy.deepcopy(server_model).requires_grad_(False) if cfg.server_average else None
+        )
+        self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
+        self.bf16 = cfg.server_dtype == "bfloat16"  # z and λ stay float32
+        self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
+        # a method whose clients move by (seeds, v̄) sets its Replica here: the record
+        self.replica: Any = None
+
+    def stateful(self) -> dict[str, Any]:
+        held = {
+            **super().stateful(),
+            "server_optimizer": self.optimizer,
+            "smashed_scale": self.scales[SmashedData],
+            "scalar_scale": self.scales[ProbeScalars],
+        }
+        if self.averaged is not None:
+            held["server_average"] = self.averaged
+        if self.replica is not None:
+            held["replica"] = self.replica
+        return held
+
+    @property
+    def record(self) -> Any:
+        """The replica of a seed-synced method (in-process, the one every client shares)."""
+        return self.replica
+
+    @property
+    def evaluated_server(self) -> nn.Module:
+        return self.model if self.averaged is None else self.averaged
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """a ← β·a + (1 − β)·θ_s (β = ``server_average``); buffers (BatchNorm statistics)
+        are copied: they are already running averages."""
+        if self.averaged is None:
+            return
+        beta = self.cfg.server_average
+        for a, p in zip(self.averaged.parameters(), self.model.parameters(), strict=True):
+            a.mul_(beta).add_(p, alpha=1 - beta)
+        for a, b in zip(self.averaged.buffers(), self.model.buffers(), strict=True):
+            a.copy_(b)
+
+    def admit(self, replies: dict[int, Message], step: int, kind: type) -> dict[int, Message]:
+        admitted = super().admit(replies, step, kind)
+        if kind not in self.scales:
+            return admitted
+        sizes = {c: magnitude(m) for c, m in admitted.items()}
+        for cid, why in self.scales[kind].screen(sizes, self.cfg.outlier_factor).items():
+            self.reject(step, cid, f"{kind.__name__}: {why}")
+            del admitted[cid]
+        return admitted
+
+    @torch.no_grad()
+    def expect_cut(self, shard: Shard) -> None:
+        """Learn the shape of one example's smashed data, which every upload is checked
+        against, from one forward of the client part."""
+        was = self.client_model.training
+        self.z_shape = tuple(self.client_model.eval()(shard.batch(0, 1)[0]).shape[1:])
+        self.client_model.train(was)
+
+    def plan(self, step: int) -> tuple[list[int], StepPlan]:
+        self.sampled = self.sample(step)
+        rng = np.random.default_rng([self.cfg.seed, 1, step])
+        seeds = torch.from_numpy(rng.integers(0, 2**31, size=self.cfg.P, dtype=np.int64))
+        return self.sampled, StepPlan(step, seeds.to(torch.int32))
+
+    def why_not(self, cid: int, msg: Message, step: int, kind: type) -> str | None:
+        why = super().why_not(cid, msg, step, kind)
+        if why is not None:
+            return why
+        if isinstance(msg, SmashedData):
+            n = msg.y.shape[0] if msg.y.dim() else 0
+            if self.z_shape is not None and (
+                tuple(msg.z.shape) != (n, *self.z_shape) or not 0 < n <= self.cfg.batch_size
+            ):
+                return (
+                    f"smashed data of shape {tuple(msg.z.shape)} for {n} labels, expected "
+                    f"({n}, {', '.join(map(str, self.z_shape))}) with 1..{self.cfg.batch_size}"
+                )
+            classes = self.task.classes
+            if classes and (msg.y.is_floating_point() or msg.y.dim() != 1):
+                return "labels must be one integer per example"
+            if classes and (msg.y.min() < 0 or msg.y.max() >= classes):
+                return f"labels outside 0..{classes - 1}"
+        if isinstance(msg, ProbeScalars) and msg.values.shape != (self.cfg.P,):
+            return f"expected {self.cfg.P} probe scalars, got {tuple(msg.values.shape)}"
+        if isinstance(msg, ProbeScalars) and self.cfg.zo_lr_rule == "output":
+            if not isinstance(msg, ProbeReport):
+                return "zo_lr_rule=output: expected the probes' sizes (ProbeReport)"
+            if msg.sizes.shape != (self.cfg.P,) or bool((msg.sizes < 0).any()):
+                return f"expected {self.cfg.P} probe sizes >= 0, got {msg.sizes.tolist()}"
+        if isinstance(msg, ModelWeights):
+            d = sum(p.numel() for p in shared_state(self.client_model))
+            if msg.weights.shape != (d,):
+                return f"{msg.weights.numel()} weights for a client part of {d}"
+        return None
+
+    def train(self, smashed: dict[int, Message], step: int) -> tuple[dict, float | None]:
+        """One optimizer step on θ_s over the admitted clients' batches; λ_m for each.
+
+        Each client's loss is backpropagated on its own so that z_m.grad is exactly ∂ℓ_m/∂z_m
+        (the λ of the paper); θ_s's accumulated gradient is then divided by their number.
+        With no admissible batch θ_s is left as it is (loss None)."""
+        smashed = self.admit(smashed, step, SmashedData)
+        if not smashed:
+            return {}, None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        lams, total = {}, 0.0
+        here = devices.of(self.model)
+        for cid, msg in smashed.items():
+            z = devices.to(msg.z.detach(), here).clone().requires_grad_(True)
+            with devices.seeded(here, self.cfg.seed, 5, cid, step), torch.autocast(
+                here.type, torch.bfloat16, enabled=self.bf16
+            ):
+                loss = self.task.loss(self.model(z), devices.to(msg.y, here))
+            loss.backward()
+            lams[cid] = CutGradient(msg.step, z.grad)
+            total += loss.item()
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(len(smashed))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.server_lr(step)
+        self.optimizer.step()
+        self.update_average()
+        return lams, total / len(smashed)
+
+    def server_lr(self, step: int) -> float:
+        """The server's rate at ``step``: ``server_lr``, or its cosine decay over the run
+        (a function of the step alone: a resumed run continues it exactly)."""
+        if self.cfg.server_schedule == "cosine":
+            return self.cfg.server_lr * (1 + math.cos(math.pi * step / self.cfg.steps)) / 2
+        return self.cfg.server_lr
+
+    def aggregate(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
+        """v̄ over the admitted clients (``cfg.aggregate``: mean, median, the mean without each
+        probe's lowest and highest value, or the mean after scaling each client's P scalars
+        down to the median client's norm), in float64, sent as float32. No admissible
+        scalars: v̄ = 0, a step that moves no client."""
+        return self.average(plan, self.admit(scalars, plan.step, ProbeScalars))
+
+    def average(self, plan: StepPlan, scalars: dict[int, Message]) -> ScalarBroadcast:
+        """``aggregate`` over replies already admitted."""
+        if not scalars:
+            return ScalarBroadcast(plan.step, plan.seeds, torch.zeros(len(plan.seeds)))
+        v = torch.stack([scalars[c].values.double() for c in sorted(scalars)])
+        if self.cfg.aggregate == "median":
+            vbar = v.quantile(0.5, dim=0)
+        elif self.cfg.aggregate == "trimmed" and len(v) > 2:  # fewer admitted: the mean
+            vbar = v.sort(0).values[1:-1].mean(0)
+        elif self.cfg.aggregate == "clipped":  # no client's vector longer than the median's
+            norms = v.norm(dim=1, keepdim=True)
+            cap = norms.median()
+            vbar = (v * torch.where(norms > cap, cap / norms, torch.ones_like(norms))).mean(0)
+        else:
+            vbar = v.mean(0)
+        return ScalarBroadcast(plan.step, plan.seeds, vbar.float())
