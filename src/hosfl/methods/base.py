@@ -100,6 +100,8 @@ class Method(ABC):
     # the settings of ``config.METHOD_SETTINGS`` this method reads; another one set away from
     # its default is an error (``check``)
     settings: ClassVar[frozenset[str]] = frozenset()
+    # values of the settings it reads that it cannot run with, by setting
+    refuses: ClassVar[dict[str, tuple]] = {}
 
     @classmethod
     def check(cls, cfg: Config) -> None:
@@ -113,6 +115,9 @@ class Method(ABC):
                 f"method={cls.name} does not use {given}: remove it (the settings it reads: "
                 f"{', '.join(sorted(cls.settings)) or 'none of the method settings'})"
             )
+        for key, values in cls.refuses.items():
+            if getattr(cfg, key) in values:
+                raise ConfigError(f"method={cls.name} cannot run with {key}={getattr(cfg, key)!r}")
 
     def __init__(
         self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task: Task

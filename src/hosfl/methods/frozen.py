@@ -56,8 +56,7 @@ class Frozen(SplitMethod):
         return None
 
     def client(self, shard: Shard) -> ClientRole:
-        if self.z_shape is None:
-            self.expect_cut(shard)
+        self.expect_cut(shard)
         return Client(shard, self.client_model, self.cfg)
 
     def step(self, t: int, engine) -> tuple[float | None, Message | None]:

@@ -23,7 +23,7 @@ from hosfl.config import Config
 from hosfl.methods.base import ClientRole
 from hosfl.methods.batched import BatchedProbes
 from hosfl.methods.controls import Bound, Rate
-from hosfl.methods.replica import Replica, ReplicaClient, probed
+from hosfl.methods.replica import Replica, ReplicaClient
 from hosfl.methods.shard import Shard
 from hosfl.methods.split import ZO_SETTINGS, SplitMethod
 from hosfl.protocol import (
@@ -130,8 +130,7 @@ class HOSFL(SplitMethod):
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)
         # the server's record of θ_c; in-process every client role shares it
-        self.replica = Replica(client_model, cfg)
-        self.client_holds = self.replica.model
+        self.hold(Replica(client_model, cfg))
         self.bound = Bound(cfg.zo_clip)
         base = self.replica.optimizer.param_groups[0]["lr"]
         target = cfg.zo_step * math.sqrt(cfg.P / max(self.replica.size, 1))
@@ -142,12 +141,10 @@ class HOSFL(SplitMethod):
         """The zeroth-order rate the clients step at (``zo_lr_rule=output``: so far)."""
         if self.rate is not None:
             return self.rate.rate()
-        return self.replica.optimizer.param_groups[0]["lr"]
+        return super().client_lr
 
     def client(self, shard: Shard) -> ClientRole:
-        if self.z_shape is None:
-            self.expect_cut(shard)
-            probed(self.replica.model, shard.batch(0, 1)[0], "client part")
+        self.expect_cut(shard)
         return Client(shard, self.replica, self.cfg)
 
     def stateful(self) -> dict[str, Any]:

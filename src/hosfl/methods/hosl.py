@@ -21,7 +21,7 @@ from torch import nn
 from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole
-from hosfl.methods.replica import Replica, ReplicaClient, hosfl_only, probed
+from hosfl.methods.replica import HOSFL_ONLY, Replica, ReplicaClient
 from hosfl.methods.shard import Shard
 from hosfl.methods.split import ZO_SETTINGS, SplitMethod
 from hosfl.protocol import (
@@ -67,25 +67,14 @@ class HOSL(SplitMethod):
     seed_synced = True
     # the loss differences are the server's own mean: no aggregate, no clip, no estimator
     settings = SplitMethod.settings | ZO_SETTINGS
-
-    @classmethod
-    def check(cls, cfg: Config) -> None:
-        super().check(cfg)
-        hosfl_only(cls.name, cfg)
+    refuses = HOSFL_ONLY
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)
-        self.replica = Replica(client_model, cfg)  # the record; in-process, every client's
-        self.client_holds = self.replica.model
-
-    @property
-    def client_lr(self) -> float:
-        return self.replica.optimizer.param_groups[0]["lr"]
+        self.hold(Replica(client_model, cfg))  # the record; in-process, every client's
 
     def client(self, shard: Shard) -> ClientRole:
-        if self.z_shape is None:
-            self.expect_cut(shard)
-            probed(self.replica.model, shard.batch(0, 1)[0], "client part")
+        self.expect_cut(shard)
         return Client(shard, self.replica, self.cfg)
 
     @torch.no_grad()

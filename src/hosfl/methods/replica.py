@@ -14,7 +14,7 @@ from torch import nn
 
 from hosfl import directions as dirs
 from hosfl import zo
-from hosfl.config import Config, ConfigError
+from hosfl.config import Config
 from hosfl.methods.base import ClientRole, Diverged, make_optimizer
 from hosfl.methods.shard import Shard
 from hosfl.methods.weights import digest
@@ -39,13 +39,8 @@ def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
     return first_order_lr
 
 
-def hosfl_only(name: str, cfg: Config) -> None:
-    """Refuse the settings only HO-SFL's client step has (its other zeroth-order methods share
-    the rest): low-rank directions and the output rate rule."""
-    if cfg.directions == "lowrank" or cfg.zo_lr_rule == "output":
-        raise ConfigError(
-            f"method={name}: directions=lowrank and zo_lr_rule=output are HO-SFL's (method=hosfl)"
-        )
+# what only HO-SFL's client step has, that the other zeroth-order methods refuse (``refuses``)
+HOSFL_ONLY = {"directions": ("lowrank",), "zo_lr_rule": ("output",)}
 
 
 def probed(model: nn.Module, x: torch.Tensor, part: str) -> None:

@@ -85,8 +85,7 @@ class SplitFedV1(SplitMethod):
         self.params = zo.trainable(client_model)
 
     def client(self, shard: Shard) -> ClientRole:
-        if self.z_shape is None:
-            self.expect_cut(shard)
+        self.expect_cut(shard)
         return Client(shard, self.client_model, self.cfg)
 
     def send_model(self, t: int, clients: list[int], engine) -> None:

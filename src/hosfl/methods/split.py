@@ -16,6 +16,7 @@ from hosfl import devices
 from hosfl.config import Config
 from hosfl.methods.base import Method, make_optimizer
 from hosfl.methods.policy import Scale, magnitude
+from hosfl.methods.replica import Replica, probed
 from hosfl.methods.shard import Shard
 from hosfl.methods.weights import shared_state
 from hosfl.protocol import (
@@ -108,13 +109,31 @@ class SplitMethod(Method):
             del admitted[cid]
         return admitted
 
+    def hold(self, replica: Replica) -> None:
+        """Keep ``replica`` as the record of the clients' model (what one client holds)."""
+        self.replica = replica
+        self.client_holds = replica.model
+
+    @property
+    def client_lr(self) -> float | None:
+        """The rate of the replica's updates, where the clients keep one."""
+        if self.replica is None:
+            return super().client_lr
+        return self.replica.optimizer.param_groups[0]["lr"]
+
     @torch.no_grad()
     def expect_cut(self, shard: Shard) -> None:
-        """Learn the shape of one example's smashed data, which every upload is checked
-        against, from one forward of the client part."""
+        """Once: learn the shape of one example's smashed data, which every upload is checked
+        against, from one forward of the client part; with a replica of the client part,
+        refuse the parameters its probes cannot reach (``probed``)."""
+        if self.z_shape is not None:
+            return
+        x = shard.batch(0, 1)[0]
         was = self.client_model.training
-        self.z_shape = tuple(self.client_model.eval()(shard.batch(0, 1)[0]).shape[1:])
+        self.z_shape = tuple(self.client_model.eval()(x).shape[1:])
         self.client_model.train(was)
+        if self.replica is not None and self.replica.model is self.client_model:
+            probed(self.client_model, x, "client part")
 
     def plan(self, step: int) -> tuple[list[int], StepPlan]:
         self.sampled = self.sample(step)

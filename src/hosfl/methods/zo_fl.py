@@ -15,7 +15,7 @@ from torch import nn
 from hosfl import devices, zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole
-from hosfl.methods.replica import Replica, ReplicaClient, hosfl_only, probed
+from hosfl.methods.replica import HOSFL_ONLY, Replica, ReplicaClient, probed
 from hosfl.methods.shard import Shard
 from hosfl.methods.split import ZO_SETTINGS, SplitMethod
 from hosfl.protocol import Message, ProbeScalars, ProtocolError, ScalarBroadcast, StepPlan
@@ -50,23 +50,14 @@ class ZOFL(SplitMethod):
     name = "zo-fl"
     seed_synced = True
     settings = ZO_SETTINGS | {"aggregate", "outlier_factor"}
-
-    @classmethod
-    def check(cls, cfg: Config) -> None:
-        super().check(cfg)
-        hosfl_only(cls.name, cfg)
+    refuses = HOSFL_ONLY
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)
         # the whole model is the replica, run where the client part runs
         whole = nn.Sequential(client_model, server_model).to(devices.of(client_model))
-        self.replica = Replica(whole, cfg)
-        self.client_holds = self.replica.model
+        self.hold(Replica(whole, cfg))
         self._checked = False
-
-    @property
-    def client_lr(self) -> float:
-        return self.replica.optimizer.param_groups[0]["lr"]
 
     def client(self, shard: Shard) -> ClientRole:
         if not self._checked:
