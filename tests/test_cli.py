@@ -172,6 +172,6 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_its_folder(tmp_pat
     out = tmp_path / "run"
     done = hosfl("run", *SHORT, "client_lr=1e6", "steps=20", f"out={out}")
     assert done.returncode == 3
-    assert "training diverged at step 1: the update of step 0 would move θ_c" in done.stdout
+    assert "training diverged at step 1: the step's update would move θ_c" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged_at"] == 1 and "would move θ_c" in summary["diverged_cause"]

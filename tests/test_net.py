@@ -360,3 +360,18 @@ def test_a_client_that_cannot_import_the_task_says_why_on_both_sides(gateway, mo
         time.sleep(0.05)
     (row,) = [r for r in engine.gateway.refusals if "cannot build" in r["reason"]]
     assert row["client"] == 2 and "No module named 'mylab'" in row["reason"]
+
+
+def test_a_flood_of_bad_frames_is_counted_but_not_logged_line_by_line(gateway):
+    from hosfl.engines.net import EVERY, LOGGED
+
+    engine, fakes, *_ = gateway
+    for _ in range(LOGGED + 30):
+        fakes[0].send(b"\x00" * 3)  # a bad frame each
+    host = "ipv4:127.0.0.1"  # the peer without its port: one count across reconnections
+    deadline = time.monotonic() + 10
+    while engine.gateway.refused[host] < LOGGED + 30:
+        assert time.monotonic() < deadline, engine.gateway.refused
+        time.sleep(0.05)
+    assert len(engine.gateway.refusals) == LOGGED  # the rest counted, one in EVERY logged
+    assert EVERY > 30

@@ -64,7 +64,9 @@ def save(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, legacy: bool = False) -> dict[str, Any]:
+    """A checkpoint, checked (its digest, keys, types). One written before checkpoints had a
+    digest is refused unless ``legacy`` (then its digest is what is not checked)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -75,6 +77,11 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt: {reason}") from None
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, _OLD):
         raise CheckpointError(f"{path} is not a {FORMAT} file")
+    if state["format"] == _OLD and not legacy:
+        raise CheckpointError(
+            f"checkpoint {path} was written before checkpoints carried a digest, so its contents "
+            "cannot be checked: refused (--legacy takes it without that check)"
+        )
     missing = [k for k in _KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")

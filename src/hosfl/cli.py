@@ -19,6 +19,9 @@ from hosfl.protocol import ProtocolError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ProtocolError, MissingPackage)
 
 
+LEGACY = "take files of releases before checksums and digests, without those checks"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hosfl", description="Hybrid-Order Split Federated Learning."
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("run_folder")
     ev = sub.add_parser("eval", help="test accuracy of a checkpoint")
     ev.add_argument("checkpoint", help="a checkpoint.pt written by hosfl run")
+    for p in (rs, ev):
+        p.add_argument("--legacy", action="store_true", help=LEGACY)
     rp = sub.add_parser(
         "replay",
         help="rebuild a run's client model from its (seeds, v̄) history and check it",
@@ -50,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "with the client weights in RUN/checkpoint.pt, bit for bit.",
     )
     rp.add_argument("run_folder")
+    rp.add_argument("--legacy", action="store_true", help=LEGACY)
     cmp = sub.add_parser(
         "compare",
         help="run several methods on the same data, seed and budget; table and plots",
@@ -126,7 +132,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value settings anywhere among the options (before --config as well as after it)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-")
+                                                    for x in extra):  # fmt: skip
+        args.overrides = [*args.overrides, *extra]  # in the order given: later wins
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
             from hosfl.runner import run, summary_table
@@ -152,14 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "resume":
             from hosfl.runner import resume, summary_table
 
-            result = resume(args.run_folder)
+            result = resume(args.run_folder, legacy=args.legacy)
             print(summary_table(result))
             if result.summary["diverged_at"] is not None:
                 return 3
         elif args.command == "eval":
             from hosfl.runner import evaluate_checkpoint
 
-            acc, loss, steps = evaluate_checkpoint(args.checkpoint)
+            acc, loss, steps = evaluate_checkpoint(args.checkpoint, args.legacy)
             print(f"{args.checkpoint}: step {steps}, test accuracy {acc:.4f}, loss {loss:.4f}")
         elif args.command == "compare":
             from hosfl.compare import compare
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "replay":
             from hosfl.replay import replay_run
 
-            report = replay_run(args.run_folder)
+            report = replay_run(args.run_folder, args.legacy)
             print(report.describe())
             return 0 if report.identical else 1
     except USER_ERRORS as e:

@@ -32,7 +32,7 @@ def _check(step: int, seeds: bytes, vbar: bytes) -> bytes:
 
 
 class Journal:
-    def __init__(self, path: str | Path, create: bool = True) -> None:
+    def __init__(self, path: str | Path, create: bool = True, legacy: bool = False) -> None:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise CheckpointError(f"{self.path} does not exist")
@@ -52,6 +52,11 @@ class Journal:
             if not columns:
                 raise CheckpointError(f"{self.path} is not a journal (no steps table)")
             self._checked = "checksum" in columns  # journals of earlier releases have none
+            if not self._checked and not (legacy or create):  # read for a resume or a replay
+                raise CheckpointError(
+                    f"{self.path} was written before journal rows carried checksums, so its rows "
+                    "cannot be checked: refused (--legacy takes it without that check)"
+                )
             (self._end,) = self.db.execute("SELECT COUNT(*) FROM steps").fetchone()
             (top,) = self.db.execute("SELECT MAX(step) FROM steps").fetchone()
         except sqlite3.DatabaseError as e:

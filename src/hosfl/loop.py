@@ -99,6 +99,9 @@ def train(
             journal.close()
         raise
     rec = Recorder(cfg, out, ledger, start, resumed, wall_before, log)
+    # a resume redoes the journaled steps, each checked against its row: no checkpoint is
+    # written before they all are, so a resume that fails on one leaves checkpoint.pt as it was
+    redone = journal.end if journal is not None and resumed else 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
                file=sys.stderr, unit="step", dynamic_ncols=True)  # fmt: skip
     try:
@@ -124,13 +127,18 @@ def train(
                         fed.client_model, method.evaluated_server, fed.task, test
                     )
                     rec.evaluation(t + 1, acc, test_loss)
-                if evaluate_now or (cfg.snapshot_every and (t + 1) % cfg.snapshot_every == 0):
+                due = evaluate_now or (cfg.snapshot_every and (t + 1) % cfg.snapshot_every == 0)
+                if due and t + 1 >= redone:
                     rec.snapshot({"config": cfg.to_dict(), "step": t + 1, **method.state_dict()})
                 if last or t % 10 == 0 or evaluate_now:
                     shown = {} if loss is None else {"loss": f"{loss:.3f}"}
                     bar.set_postfix(**shown, acc=f"{acc:.4f}", refresh=False)
             engine.close()
             rec.events(engine.events, when="end")  # the final check of every replica
+    except Exception as e:
+        if resumed:  # what this resume wrote is withdrawn: the rows before it are in force again
+            rec.row({"event": "resume-failed", "step": start, "reason": str(e)[:300]})
+        raise
     finally:
         rec.close()
         if journal is not None:

@@ -5,6 +5,7 @@ this file decides how it is written."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,22 @@ from typing import Any
 from hosfl import checkpoint, runfolder
 from hosfl.config import Config
 from hosfl.metrics.ledger import ByteLedger
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kw: Any) -> str:
+    """JSON that every parser reads: NaN and infinities (a diverged run's accuracy, a loss
+    that overflowed) are written as null."""
+    return json.dumps(_finite(value), allow_nan=False, **kw)
 
 
 class Recorder:
@@ -31,7 +48,7 @@ class Recorder:
         return self.wall_before + time.perf_counter() - self.started
 
     def row(self, row: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.write(strict_json(row) + "\n")
 
     def events(self, rows: list[dict], when: str = "") -> None:
         """Rows of what the method or the engine did (dropped contributions, resyncs...)."""
@@ -67,7 +84,7 @@ class Recorder:
         )
 
     def summary(self, summary: dict[str, Any]) -> None:
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        runfolder.write_atomic(self.out / "summary.json", strict_json(summary, indent=2) + "\n")
 
     def close(self) -> None:
         self.metrics.close()

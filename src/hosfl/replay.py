@@ -32,28 +32,28 @@ class ReplayReport:
         )
 
 
-def replay_run(folder: str | Path) -> ReplayReport:
+def replay_run(folder: str | Path, legacy: bool = False) -> ReplayReport:
     """Replay RUN's journal onto its initial client weights and compare with its checkpoint;
     the folder is locked against a run or resume meanwhile and nothing in it is written."""
     folder = Path(folder)
     if not folder.is_dir():
         raise checkpoint.CheckpointError(f"{folder} is not a run folder")
     with runfolder.locked(folder):
-        return _replay(folder)
+        return _replay(folder, legacy)
 
 
-def _replay(folder: Path) -> ReplayReport:
+def _replay(folder: Path, legacy: bool) -> ReplayReport:
     path = folder / "journal.sqlite"
     if not path.is_file():
         synced = [n for n, m in methods.METHODS.items() if m.seed_synced]
         raise checkpoint.CheckpointError(
             f"{path} does not exist (only {', '.join(synced)} runs have one)"
         )
-    final = checkpoint.load(folder / "checkpoint.pt")
-    cfg, client, server, task = load_models(checkpoint.load(folder / "client_init.pt"))
+    final = checkpoint.load(folder / "checkpoint.pt", legacy)
+    cfg, client, server, task = load_models(checkpoint.load(folder / "client_init.pt", legacy))
     method = methods.get(cfg.method)(cfg, client, server, task)
     replica = method.record
-    journal = Journal(path, create=False)
+    journal = Journal(path, create=False, legacy=legacy)
     try:
         if journal.end < final["step"]:
             raise checkpoint.CheckpointError(

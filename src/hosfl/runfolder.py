@@ -97,6 +97,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
     """The rows in force (those superseded by a resume left out) and the numbers of the
     damaged lines, which are skipped but never removed from the file."""
     rows: list[dict] = []
+    before: list[list[dict]] = []  # the rows in force before each resume still standing
     damaged = []
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
@@ -106,7 +107,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
         except ValueError:
             damaged.append(n)
             continue
+        if row.get("event") == "resume-failed" and before:
+            rows = before.pop()  # a resume that failed changes nothing
+            continue
         if row.get("event") == "resume" and isinstance(row.get("step"), int):
+            before.append(rows)
             rows = [
                 r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= row["step"]
             ]

@@ -201,7 +201,7 @@ def _initial(cfg: Config, fed: Federation) -> dict:
     }
 
 
-def resume(folder: str | Path, log=print) -> RunResult:
+def resume(folder: str | Path, log=print, legacy: bool = False) -> RunResult:
     """Continue the run in ``folder`` from its last checkpoint to ``steps``; the steps redone
     are checked against the journal (the same (seeds, v̄), bit for bit), and the final weights
     are those an uninterrupted run reaches. Everything is checked before anything is written:
@@ -210,20 +210,22 @@ def resume(folder: str | Path, log=print) -> RunResult:
     if not (folder / "config.toml").is_file():
         raise checkpoint.CheckpointError(f"{folder} is not a run folder (no config.toml)")
     with runfolder.locked(folder):
-        return _resume(folder, log)
+        return _resume(folder, log, legacy)
 
 
-def _resume(folder: Path, log) -> RunResult:
+def _resume(folder: Path, log, legacy: bool) -> RunResult:
     cfg = Config.load(folder / "config.toml", [f"out={folder}"])
     last, init = folder / "checkpoint.pt", folder / "client_init.pt"
     fresh = not last.is_file() and not init.is_file()  # killed before its first checkpoint
-    state = None if fresh else checkpoint.load(last if last.is_file() else init)
+    state = None if fresh else checkpoint.load(last if last.is_file() else init, legacy)
     if state is not None:
         try:
             saved = Config.from_dict(state["config"], source="checkpoint config").to_dict()
         except ConfigError as e:
             raise checkpoint.CheckpointError(f"{last}: {e}") from None
-        if saved != Config.load(folder / "config.toml").to_dict():
+        # the folder is where the run is, whatever its files say of ``out`` (it may be moved)
+        here = {**Config.load(folder / "config.toml").to_dict(), "out": ""}
+        if {**saved, "out": ""} != here:
             raise checkpoint.CheckpointError(f"{last} belongs to another config than {folder}")
     start = 0 if state is None else state["step"]
     if start >= cfg.steps:
@@ -249,7 +251,7 @@ def _resume(folder: Path, log) -> RunResult:
     if fed.server.record is not None and start > 0:
         if not journal.is_file():
             raise checkpoint.CheckpointError(f"{journal} is missing: the run cannot be checked")
-        with contextlib.closing(Journal(journal, create=False)) as j:
+        with contextlib.closing(Journal(journal, create=False, legacy=legacy)) as j:
             j.verify(start, cfg.P)  # every row the checkpoint rests on
     ledger = ByteLedger.from_dict(state.get("ledger", {}) if state else {})
     if fresh:
@@ -308,9 +310,9 @@ def load_models(state: dict) -> tuple[Config, nn.Module, nn.Module, Task]:
     return cfg, client, server, task
 
 
-def evaluate_checkpoint(path: str | Path) -> tuple[float, float, int]:
+def evaluate_checkpoint(path: str | Path, legacy: bool = False) -> tuple[float, float, int]:
     """(accuracy, loss, step) of a checkpoint on its task's test set."""
-    state = checkpoint.load(path)
+    state = checkpoint.load(path, legacy)
     cfg, client, server, task = load_models(state)
     if state["step"] > cfg.steps:
         raise checkpoint.CheckpointError(f"{path}: step {state['step']} of a {cfg.steps}-step run")

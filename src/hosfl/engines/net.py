@@ -94,6 +94,9 @@ class Session:
             future.set_exception(ClientFailed(f"client {self.cid}: {why}"))
 
 
+LOGGED, EVERY = 20, 1000  # refusals of one peer logged in full, then one in EVERY
+
+
 class Gateway:
     """The gRPC server: admits clients, carries frames, counts their bytes, logs refusals."""
 
@@ -104,6 +107,8 @@ class Gateway:
         self.lock = threading.Lock()
         self.count = 0
         self.refusals: collections.deque[dict] = collections.deque()
+        self.refused: collections.Counter[str] = collections.Counter()  # by peer address
+        self.refused_lock = threading.Lock()  # _refuse may run under self.lock
         self.wire_bytes = {"up": 0, "down": 0}  # whole frames, both ways
         self.joined = threading.Condition(self.lock)
         handler = grpc.method_handlers_generic_handler(
@@ -137,6 +142,17 @@ class Gateway:
 
     # --- one client's stream (a gRPC worker thread) --------------------------------------
     def _refuse(self, cid: int | None, peer: str, why: str) -> None:
+        """Log a refusal and keep its metrics row: each peer's first ``LOGGED`` in full, then
+        one in every ``EVERY`` with its count, so a flood of bad frames cannot flood the run's
+        log and metrics (every one is still counted)."""
+        host = peer.rsplit(":", 1)[0]  # a reconnecting peer comes from another port
+        with self.refused_lock:
+            self.refused[host] += 1
+            n = self.refused[host]
+        if n > LOGGED and n % EVERY:
+            return
+        if n > LOGGED:
+            why = f"{why} ({n} refusals of {host} so far; one in {EVERY} is logged)"
         row = {"event": "refused", "step": None, "client": cid, "peer": peer, "reason": why}
         self.refusals.append(row)
         self.log(f"hosfl: refused {peer} (client {cid}): {why}")

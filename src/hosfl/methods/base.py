@@ -185,7 +185,7 @@ class Method(ABC):
         """The replies that ``why_not`` finds acceptable; the others are rejected (logged).
         Every reply non-finite is the clients' computation diverging: ``Diverged``."""
         if blown_up(replies):
-            raise Diverged(f"every client's {kind.__name__} of step {step} is not finite")
+            raise Diverged(f"every client's {kind.__name__} is not finite")
         admitted = {}
         for cid in sorted(replies):
             why = self.why_not(cid, replies[cid], step, kind)

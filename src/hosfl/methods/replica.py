@@ -192,7 +192,7 @@ class Replica:
         moved, norm = self.movement(update), self.norm()
         if not moved <= ABSURD * max(norm, 1.0):
             raise Diverged(
-                f"the update of step {update.step} would move θ_c by about {moved:.3g} "
+                f"the step's update would move θ_c by about {moved:.3g} "
                 f"(|θ_c| = {norm:.3g}); it was not committed"
             )
         engine.broadcast(update)
