@@ -29,7 +29,7 @@ OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
 TLS = ("auto", "on", "off")
 DIRECTIONS = ("gaussian", "rademacher", "lowrank")
-AGGREGATES = ("mean", "median", "trimmed", "clipped")
+AGGREGATES = ("mean", "median", "trimmed", "clipped", "bounded")
 LORA = ("none", "client", "server", "both")
 LR_RULES = ("fixed", "dimension", "output")
 SIMULATE = ("auto", "batched", "per-client")
@@ -42,7 +42,8 @@ METHOD_SETTINGS = frozenset(
     {"P", "mu", "directions", "zo_rank", "zo_lazy", "estimator", "client_optimizer",
      "client_lr", "client_dtype", "server_dtype", "zo_lr_rule", "zo_step", "zo_lr_scale",
      "zo_lr_max", "zo_clip", "server_optimizer", "server_lr", "server_average",
-     "server_schedule", "momentum", "local_steps", "aggregate", "outlier_factor"}
+     "server_schedule", "momentum", "local_steps", "aggregate", "outlier_factor",
+     "smashed_bound"}
 )  # fmt: skip
 
 
@@ -174,7 +175,16 @@ class Config:
         "engine=ray/net: check every client's replica digest every N steps (0: only at catch-up "
         "and the end); one that differs from the server's record is resynced from it",
     )
-    aggregate: str = _f("mean", f"scalar aggregation: {', '.join(AGGREGATES)} (robust: median)")
+    aggregate: str = _f(
+        "mean",
+        f"scalar aggregation: {', '.join(AGGREGATES)} (bounded: each client's scalars at most the "
+        "step's median client norm and 3× the run's recent median; robust: median)",
+    )
+    smashed_bound: float = _f(
+        0.0,
+        "split methods: scale each client's smashed data down to at most this many times the "
+        "median size (RMS) of the step's clients' and 3× of recent uploads' (0: off)",
+    )
     outlier_factor: float = _f(
         1000.0,
         "reject a smashed-data or probe-scalar upload whose largest value is more than this "
@@ -225,6 +235,8 @@ class Config:
         for key in ("mu", "alpha", "lora_alpha", "zo_lr_scale"):
             if not (getattr(self, key) > 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number > 0")
+        if not (self.smashed_bound == 0 or 1 <= self.smashed_bound < float("inf")):
+            raise bad("smashed_bound", "must be 0 (off) or a finite number >= 1")
         for key in ("client_lr", "server_lr", "zo_lr_max", "outlier_factor"):
             if not (getattr(self, key) >= 0 and getattr(self, key) < float("inf")):
                 raise bad(key, "must be a finite number >= 0")

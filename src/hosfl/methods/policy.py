@@ -64,3 +64,34 @@ def blown_up(replies: dict[int, Message]) -> bool:
         )
         for r in replies.values()
     )
+
+
+class Caps:
+    """The sizes the clients' uploads of one kind may have: at most ``factor`` times the median
+    of the step's clients' sizes (a cold start that needs no history) and, once ``warmup``
+    steps are seen, at most ``factor`` times ``history`` times the median of the sizes admitted
+    over the last ``window`` client uploads. One client cannot move the step (it is bounded by
+    the others), nor a majority of one step (it is bounded by the run's past)."""
+
+    def __init__(self, factor: float, history: float = 3.0, window: int = 64, warmup: int = 8):
+        self.factor, self.history, self.window, self.warmup = factor, history, window, warmup
+        self.seen: list[float] = []
+
+    def cap(self, sizes: list[float]) -> float:
+        cap = self.factor * float(np.median(sizes)) if sizes else float("inf")
+        if len(self.seen) >= self.warmup:
+            cap = min(cap, self.factor * self.history * float(np.median(self.seen)))
+        return cap
+
+    def scales(self, sizes: dict[int, float]) -> dict[int, float]:
+        """Each client's scale (1: within the cap), its capped size noted."""
+        cap = self.cap(list(sizes.values()))
+        out = {c: 1.0 if s <= cap or s == 0 else cap / s for c, s in sizes.items()}
+        self.seen = (self.seen + [sizes[c] * out[c] for c in sizes])[-self.window :]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = [float(v) for v in state["seen"]]

@@ -15,7 +15,7 @@ from torch import nn
 from hosfl import devices
 from hosfl.config import Config
 from hosfl.methods.base import Method, make_optimizer
-from hosfl.methods.policy import Scale, magnitude
+from hosfl.methods.policy import Caps, Scale, magnitude
 from hosfl.methods.replica import Replica, probed
 from hosfl.methods.shard import Shard
 from hosfl.methods.weights import shared_state
@@ -33,7 +33,8 @@ from hosfl.tasks.base import Task
 
 # what the backprop server of a split method reads
 SERVER_SETTINGS = frozenset({"server_optimizer", "server_lr", "server_average", "server_schedule",
-                             "server_dtype", "momentum", "outlier_factor"})  # fmt: skip
+                             "server_dtype", "momentum", "outlier_factor",
+                             "smashed_bound"})  # fmt: skip
 # what a zeroth-order client that probes through (seeds, v̄) reads
 ZO_SETTINGS = frozenset({"P", "mu", "directions", "client_optimizer", "client_lr", "zo_lr_rule",
                          "zo_lr_scale", "zo_lr_max", "momentum"})  # fmt: skip
@@ -62,6 +63,11 @@ class SplitMethod(Method):
         self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
         self.bf16 = cfg.server_dtype == "bfloat16"  # z and λ stay float32
         self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
+        # ``smashed_bound`` and ``aggregate=bounded``: what one client's upload may weigh
+        self.caps = {
+            SmashedData: Caps(cfg.smashed_bound) if cfg.smashed_bound else None,
+            ProbeScalars: Caps(1.0) if cfg.aggregate == "bounded" else None,
+        }
         # a method whose clients move by (seeds, v̄) sets its Replica here: the record
         self.replica: Any = None
 
@@ -76,6 +82,9 @@ class SplitMethod(Method):
             held["server_average"] = self.averaged
         if self.replica is not None:
             held["replica"] = self.replica
+        for kind, name in ((SmashedData, "smashed_caps"), (ProbeScalars, "scalar_caps")):
+            if self.caps[kind] is not None:
+                held[name] = self.caps[kind]
         return held
 
     @property
@@ -185,14 +194,16 @@ class SplitMethod(Method):
         self.optimizer.zero_grad(set_to_none=True)
         lams, total = {}, 0.0
         here = devices.of(self.model)
+        scale = self.bounded(smashed)
         for cid, msg in smashed.items():
-            z = devices.to(msg.z.detach(), here).clone().requires_grad_(True)
+            z = devices.to(msg.z.detach(), here).mul(scale[cid]).requires_grad_(True)
             with devices.seeded(here, self.cfg.seed, 5, cid, step), torch.autocast(
                 here.type, torch.bfloat16, enabled=self.bf16
             ):
                 loss = self.task.loss(self.model(z), devices.to(msg.y, here))
             loss.backward()
-            lams[cid] = CutGradient(msg.step, z.grad)
+            # λ of the client's own z: ∂ℓ/∂z = s·∂ℓ/∂(s·z)
+            lams[cid] = CutGradient(msg.step, z.grad if scale[cid] == 1 else z.grad * scale[cid])
             total += loss.item()
         for p in self.model.parameters():
             if p.grad is not None:
@@ -202,6 +213,14 @@ class SplitMethod(Method):
         self.optimizer.step()
         self.update_average()
         return lams, total / len(smashed)
+
+    def bounded(self, smashed: dict[int, Message]) -> dict[int, float]:
+        """Each client's smashed-data scale under ``smashed_bound`` (1 where it is off)."""
+        caps = self.caps[SmashedData]
+        if caps is None:
+            return dict.fromkeys(smashed, 1.0)
+        return caps.scales({c: float(m.z.double().square().mean().sqrt()) if m.z.numel() else 0.0
+                            for c, m in smashed.items()})  # fmt: skip
 
     def server_lr(self, step: int) -> float:
         """The server's rate at ``step``: ``server_lr``, or its cosine decay over the run
@@ -230,6 +249,11 @@ class SplitMethod(Method):
             norms = v.norm(dim=1, keepdim=True)
             cap = norms.median()
             vbar = (v * torch.where(norms > cap, cap / norms, torch.ones_like(norms))).mean(0)
+        elif self.cfg.aggregate == "bounded":  # clipped, and at most 3× the run's recent norms
+            cids = sorted(scalars)
+            scale = self.caps[ProbeScalars].scales(dict(zip(cids, v.norm(dim=1).tolist(),
+                                                            strict=True)))  # fmt: skip
+            vbar = (v * torch.tensor([scale[c] for c in cids], dtype=v.dtype)[:, None]).mean(0)
         else:
             vbar = v.mean(0)
         return ScalarBroadcast(plan.step, plan.seeds, vbar.float())

@@ -1,0 +1,104 @@
+"""Robustness: each attack of ``hosfl.attacks`` by 1 or 2 malicious clients of ten, against
+each aggregation, on the default task (HO-SFL, M=10, K=3), over seeds; and the honest runs.
+
+    python benchmarks/attacks.py --seeds 0,1,2                      # the README's table
+    python benchmarks/attacks.py --seeds 0 --steps 300 --attacks scale-scalars:50,scale-z:50
+
+Prints a Markdown table (final accuracy and the mean of the last three evaluations, mean ± sd
+over seeds; uploads rejected from honest clients; runs that diverged) and the command, and
+writes JSON. A run folder that holds a summary is read, not run again. Two runs at a time, one
+torch thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from hosfl.compare import mean_sd
+
+ATTACKS = "none,scale-scalars:50,scale-scalars:1000,scale-scalars:-3,constant-scalars:1,alie:1.5,scale-z:50,random-z:1,flip-labels"  # noqa: E501
+
+
+def one(args: tuple[str, str, int, int, list[str], str]) -> dict:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from hosfl import methods
+    from hosfl.attacks import attacking
+    from hosfl.config import Config
+    from hosfl.runfolder import read_metrics
+    from hosfl.runner import run
+
+    attack, aggregate, bad, seed, extra, out = args
+    name, _, value = attack.partition(":")
+    label = aggregate.replace("=", "").replace("+", "-")
+    folder = Path(out) / f"{name}{value}-{bad}bad-{label}-seed{seed}"
+    if not (folder / "summary.json").is_file():
+        cfg = Config.load(None, [*extra, *aggregate.split("+"), f"seed={seed}",
+                                 "eval_every=100", "progress=false", f"out={folder}"])  # fmt: skip
+        malicious = set(range(bad)) if name != "none" else set()
+        with attacking(methods.get(cfg.method), malicious, name or "scale-scalars",
+                       float(value or 1)):  # fmt: skip
+            run(cfg, log=lambda *a: None)
+    rows, _ = read_metrics(folder / "metrics.jsonl")
+    summary = json.loads((folder / "summary.json").read_text())
+    evals = [r["test_acc"] for r in rows if r["event"] == "eval"]
+    honest_rejected = sum(1 for r in rows if r["event"] == "reject" and r["client"] >= bad)
+    return {"attack": attack, "bad": bad, "aggregate": aggregate, "seed": seed,
+            "final": evals[-1] if evals else 0.0, "last3": statistics.mean(evals[-3:] or [0.0]),
+            "honest_rejected": honest_rejected, "diverged": summary["diverged_at"] is not None,
+            "folder": str(folder)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--attacks", default=ATTACKS, help="NAME:VALUE,... (none: honest)")
+    parser.add_argument("--bad", default="1,2", help="numbers of malicious clients of ten")
+    parser.add_argument("--aggregates", default="aggregate=mean,aggregate=median",
+                        help="settings compared, comma-separated (A+B: two in one column)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--out", default="benchmarks/results/attacks")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every run (e.g. method=sfl-v1)")  # fmt: skip
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = [f"steps={args.steps}", *args.set]
+    todo = []
+    for attack in args.attacks.split(","):
+        for bad in [0] if attack == "none" else [int(b) for b in args.bad.split(",")]:
+            for aggregate in args.aggregates.split(","):
+                todo += [(attack, aggregate, bad, s, extra, args.out) for s in seeds]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(one, todo))
+    sets = "".join(f" --set {kv}" for kv in args.set)
+    print(f"command: python benchmarks/attacks.py --seeds {args.seeds} --steps {args.steps} "
+          f"--attacks {args.attacks} --bad {args.bad} --aggregates {args.aggregates}{sets}\n")
+    columns = args.aggregates.split(",")
+    print("| attack | malicious | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for attack in args.attacks.split(","):
+        for bad in sorted({r["bad"] for r in runs if r["attack"] == attack}):
+            cells = []
+            for aggregate in columns:
+                mine = [r for r in runs if (r["attack"], r["bad"], r["aggregate"])
+                        == (attack, bad, aggregate)]  # fmt: skip
+                note = sum(r["honest_rejected"] for r in mine)
+                diverged = sum(r["diverged"] for r in mine)
+                cells.append(mean_sd([r["final"] for r in mine])
+                             + (f", {note} honest rejected" if note else "")
+                             + (f", {diverged} diverged" if diverged else ""))  # fmt: skip
+            print(f"| {attack} | {bad} | " + " | ".join(cells) + " |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "attacks.json").write_text(json.dumps(runs, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
