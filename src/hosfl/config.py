@@ -183,7 +183,7 @@ class Config:
     smashed_bound: float = _f(
         0.0,
         "split methods: scale each client's smashed data down to at most this many times the "
-        "median size (RMS) of the step's clients' and 3× of recent uploads' (0: off)",
+        "median size (RMS) of the step's clients' and of recent uploads' (0: off)",
     )
     outlier_factor: float = _f(
         1000.0,

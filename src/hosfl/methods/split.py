@@ -65,7 +65,9 @@ class SplitMethod(Method):
         self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
         # ``smashed_bound`` and ``aggregate=bounded``: what one client's upload may weigh
         self.caps = {
-            SmashedData: Caps(cfg.smashed_bound) if cfg.smashed_bound else None,
+            # z: at most k× the step's median size and k× the recent median (two attackers of
+            # three sampled set the step's median; measured: 3× the recent median let them in)
+            SmashedData: Caps(cfg.smashed_bound, history=1.0) if cfg.smashed_bound else None,
             ProbeScalars: Caps(1.0) if cfg.aggregate == "bounded" else None,
         }
         # a method whose clients move by (seeds, v̄) sets its Replica here: the record
