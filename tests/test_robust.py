@@ -3,6 +3,8 @@ each client's probe scalars at the step's median client norm and at 3× the run'
 norms; ``smashed_bound`` caps each client's smashed data the same way. The attacks are
 ``hosfl.attacks``'s, the clients real."""
 
+import statistics
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from hosfl.attacks import Malicious, attacking
 from hosfl.methods.hosfl import HOSFL
 from hosfl.methods.policy import Caps
 from hosfl.protocol import SmashedData
+from hosfl.runfolder import read_metrics
 from hosfl.runner import build, run
 
 QUIET = dict(log=lambda *a: None)
@@ -46,17 +49,26 @@ def test_a_scaled_smashed_upload_counts_as_its_bounded_self_and_gets_its_own_lam
     torch.testing.assert_close(lams[2].lam, lams_plain[2].lam * s, rtol=1e-5, atol=1e-9)
 
 
+def _late(result) -> float:
+    """The mean accuracy of a run's last three evaluations."""
+    rows, _ = read_metrics(result.out / "metrics.jsonl")
+    return statistics.mean([r["test_acc"] for r in rows if r["event"] == "eval"][-3:])
+
+
 @pytest.mark.parametrize("attack", ["scale-scalars", "scale-z"])
 def test_one_client_of_six_times_50_costs_at_most_3_points_under_the_bounded_rules(
     attack, small_cfg, tmp_path
 ):
-    cfg = dict(clients=6, sampled=3, steps=150, eval_every=0, test_subset=1000,
+    cfg = dict(clients=6, sampled=3, steps=150, eval_every=25, test_subset=1000,
                aggregate="bounded", smashed_bound=2.0)  # fmt: skip
     honest = run(small_cfg(**cfg, out=str(tmp_path / "honest")), **QUIET)
     with attacking(HOSFL, {0}, attack, 50.0):
         attacked = run(small_cfg(**cfg, out=str(tmp_path / "attacked")), **QUIET)
     assert attacked.summary["diverged_at"] is None
-    assert attacked.accuracy > honest.accuracy - 0.03, (attacked.accuracy, honest.accuracy)
+    # this early the accuracy swings by several points between evaluations: the mean of the
+    # last three is compared (unbounded, one such client takes the run to 0.10)
+    late = {"honest": _late(honest), "attacked": _late(attacked)}
+    assert late["attacked"] > late["honest"] - 0.03, late
     rows = (attacked.out / "metrics.jsonl").read_text().splitlines()
     assert not [r for r in rows if '"reject"' in r and '"client": 0' not in r]  # no honest one
 
