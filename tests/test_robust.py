@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hosfl.attacks import Malicious, attacking
-from hosfl.methods.hosfl import HOSFL
+from hosfl.methods import METHODS
 from hosfl.methods.policy import Caps
 from hosfl.protocol import SmashedData
 from hosfl.runfolder import read_metrics
@@ -55,14 +55,19 @@ def _late(result) -> float:
     return statistics.mean([r["test_acc"] for r in rows if r["event"] == "eval"][-3:])
 
 
-@pytest.mark.parametrize("attack", ["scale-scalars", "scale-z"])
+@pytest.mark.parametrize(
+    ("method", "attack"),
+    [("hosfl", "scale-scalars"), ("hosfl", "scale-z"), ("sfl-v1", "scale-z"),
+     ("sfl-v1", "scale-weights"), ("frozen", "scale-z")],
+)  # fmt: skip
 def test_one_client_of_six_times_50_costs_at_most_3_points_under_the_bounded_rules(
-    attack, small_cfg, tmp_path
+    method, attack, small_cfg, tmp_path
 ):
-    cfg = dict(clients=6, sampled=3, steps=150, eval_every=25, test_subset=1000,
-               aggregate="bounded", smashed_bound=2.0)  # fmt: skip
+    bounded = {"smashed_bound": 2.0} | ({} if method == "frozen" else {"aggregate": "bounded"})
+    cfg = dict(method=method, clients=6, sampled=3, steps=150, eval_every=25, test_subset=1000,
+               **bounded)  # fmt: skip
     honest = run(small_cfg(**cfg, out=str(tmp_path / "honest")), **QUIET)
-    with attacking(HOSFL, {0}, attack, 50.0):
+    with attacking(METHODS[method], {0}, attack, 50.0):
         attacked = run(small_cfg(**cfg, out=str(tmp_path / "attacked")), **QUIET)
     assert attacked.summary["diverged_at"] is None
     # this early the accuracy swings by several points between evaluations: the mean of the

@@ -14,7 +14,8 @@ range): what remains is what an aggregation rule must bound. The attacks, by nam
   opposes its honest value: inside the spread of honest uploads, never an outlier;
 - ``scale-z`` (F): the smashed data times F;
 - ``random-z`` (F): the smashed data replaced by Gaussian noise of F times its norm;
-- ``flip-labels``: label c sent as C − 1 − c (C classes).
+- ``flip-labels``: label c sent as C − 1 − c (C classes);
+- ``scale-weights`` (F): a first-order client's uploaded weights times F.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from contextlib import contextmanager
 import torch
 
 from hosfl.methods.base import ClientRole, Method
-from hosfl.protocol import Message, ProbeReport, ProbeScalars, SmashedData
+from hosfl.protocol import Message, ModelWeights, ProbeReport, ProbeScalars, SmashedData
 
-ATTACKS = ("scale-scalars", "constant-scalars", "alie", "scale-z", "random-z", "flip-labels")
+ATTACKS = ("scale-scalars", "constant-scalars", "alie", "scale-z", "random-z", "flip-labels",
+           "scale-weights")
 
 
 class Malicious(ClientRole):
@@ -61,6 +63,8 @@ class Malicious(ClientRole):
             return self._scalars(reply)
         if isinstance(reply, SmashedData):
             return self._smashed(reply)
+        if isinstance(reply, ModelWeights) and self.attack == "scale-weights":
+            return ModelWeights(reply.step, reply.weights * self.value)
         return reply
 
     def _scalars(self, reply: ProbeScalars) -> ProbeScalars:

@@ -74,7 +74,9 @@ class Client(ClientRole):
 
 class SplitFedV1(SplitMethod):
     name = "sfl-v1"
-    settings = SplitMethod.settings | {"client_lr", "client_optimizer"}
+    # aggregate: mean (FedAvg) or bounded (each client's change to θ_c capped as the scalars are)
+    settings = SplitMethod.settings | {"client_lr", "client_optimizer", "aggregate"}
+    refuses = {"aggregate": ("median", "trimmed", "clipped")}
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         if cfg.client_optimizer != "sgd" or cfg.momentum:
@@ -97,7 +99,16 @@ class SplitFedV1(SplitMethod):
         local = self.admit(local, t, ModelWeights)
         if not local:
             return None
-        avg = torch.stack([local[c].weights for c in sorted(local)]).mean(0)
+        cids = sorted(local)
+        caps = self.caps[ModelWeights]
+        if caps is None:
+            avg = torch.stack([local[c].weights for c in cids]).mean(0)
+        else:  # aggregate=bounded: each client's change at most the step's median and 3× recent
+            here = flatten(shared_state(self.client_model)).double()
+            deltas = torch.stack([local[c].weights.double() - here for c in cids])
+            scale = caps.scales(dict(zip(cids, deltas.norm(dim=1).tolist(), strict=True)))
+            factors = torch.tensor([scale[c] for c in cids], dtype=torch.float64)[:, None]
+            avg = (here + (deltas * factors).mean(0)).float()
         if not bool(torch.isfinite(avg).all()):
             raise Diverged("the averaged client weights are not finite")
         load_flat_(shared_state(self.client_model), avg)

@@ -69,6 +69,7 @@ class SplitMethod(Method):
             # three sampled set the step's median; measured: 3× the recent median let them in)
             SmashedData: Caps(cfg.smashed_bound, history=1.0) if cfg.smashed_bound else None,
             ProbeScalars: Caps(1.0) if cfg.aggregate == "bounded" else None,
+            ModelWeights: Caps(1.0) if cfg.aggregate == "bounded" else None,
         }
         # a method whose clients move by (seeds, v̄) sets its Replica here: the record
         self.replica: Any = None
@@ -84,7 +85,8 @@ class SplitMethod(Method):
             held["server_average"] = self.averaged
         if self.replica is not None:
             held["replica"] = self.replica
-        for kind, name in ((SmashedData, "smashed_caps"), (ProbeScalars, "scalar_caps")):
+        for kind, name in ((SmashedData, "smashed_caps"), (ProbeScalars, "scalar_caps"),
+                           (ModelWeights, "weight_caps")):  # fmt: skip
             if self.caps[kind] is not None:
                 held[name] = self.caps[kind]
         return held
