@@ -115,9 +115,8 @@ def train(
                 rec.events(method.events() + engine.events)
                 engine.events.clear()
                 if loss is not None and not math.isfinite(loss):
-                    diverged = t + 1
-                    rec.diverged(diverged, cause or f"the server's training loss is {loss}")
-                    cause = cause or f"the server's training loss is {loss}"
+                    diverged, cause = t + 1, cause or f"the server's training loss is {loss}"
+                    rec.diverged(diverged, cause)
                     break
                 rec.train(t + 1, loss)
                 last = t + 1 == cfg.steps
