@@ -3,6 +3,9 @@ each aggregation, on the default task (HO-SFL, M=10, K=3), over seeds; and the h
 
     python benchmarks/attacks.py --seeds 0,1,2                      # the README's table
     python benchmarks/attacks.py --seeds 0 --steps 300 --attacks scale-scalars:50,scale-z:50
+    python benchmarks/attacks.py net scale-scalars:50 1 OUT steps=300 aggregate=mean
+        # over the network engine: hosfl serve and ten hosfl client processes, the first
+        # BAD of them attacking
 
 Prints a Markdown table (final accuracy and the mean of the last three evaluations, mean ± sd
 over seeds; uploads rejected from honest clients; runs that diverged) and the command, and
@@ -56,7 +59,70 @@ def one(args: tuple[str, str, int, int, list[str], str]) -> dict:
             "folder": str(folder)}  # fmt: skip
 
 
+def edge_client(attack: str, argv: list[str]) -> int:
+    """``hosfl client ARGS`` whose role attacks (its id is its --id): the malicious client of a
+    network run, a process of its own like every other client."""
+    from contextlib import ExitStack
+
+    from hosfl import methods
+    from hosfl.attacks import attacking
+    from hosfl.cli import main as cli
+
+    name, _, value = attack.partition(":")
+    cid = int(argv[argv.index("--id") + 1])
+    with ExitStack() as stack:  # the method is known only from the server's config
+        for cls in methods.METHODS.values():
+            stack.enter_context(attacking(cls, {cid}, name, float(value or 1)))
+        return cli(["client", *argv])
+
+
+def over_network(attack: str, bad: int, settings: list[str], folder: Path) -> dict:
+    """One run with ``hosfl serve`` and ten ``hosfl client`` processes on loopback, the first
+    ``bad`` of them attacking."""
+    import socket
+    import subprocess
+    import sys
+
+    from hosfl.edge import keys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{sock.getsockname()[1]}"
+    secrets = keys.issue(folder.parent / f"{folder.name}-secrets", 10, tls=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hosfl.cli", "serve", *settings, "clients=10", "tls=off",
+         f"out={folder}", f"listen={listen}", f"secrets={secrets}", "progress=false"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    procs = []
+    for cid in range(10):
+        args = ["--server", listen, "--id", str(cid), "--quiet", "--no-tls",
+                "--token", str(keys.token_path(secrets, cid))]  # fmt: skip
+        cmd = ([sys.executable, __file__, "edge-client", attack, *args] if cid < bad
+               else [sys.executable, "-m", "hosfl.cli", "client", *args])  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env))
+    out, _ = server.communicate()
+    for p in procs:
+        p.wait(timeout=120)
+    if server.returncode:
+        raise SystemExit(f"hosfl serve failed:\n{out}")
+    summary = json.loads((folder / "summary.json").read_text())
+    return {"attack": attack, "bad": bad, "engine": "net", "final": summary["test_acc"],
+            "rejected": summary["rejected"], "folder": str(folder)}  # fmt: skip
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["edge-client"]:
+        raise SystemExit(edge_client(sys.argv[2], sys.argv[3:]))
+    if sys.argv[1:2] == ["net"]:  # net ATTACK BAD OUT KEY=VALUE...
+        attack, bad, out, *settings = sys.argv[2:]
+        row = over_network(attack, int(bad), settings, Path(out))
+        print(f"command: python benchmarks/attacks.py net {' '.join(sys.argv[2:])}")
+        print(json.dumps(row))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--attacks", default=ATTACKS, help="NAME:VALUE,... (none: honest)")
