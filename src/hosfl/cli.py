@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--target",
         type=float,
-        default=0.8,
+        default=None,
         help="accuracy for the steps-to-target column (default: 0.8)",
     )
     cmp.add_argument(
@@ -177,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             from hosfl.compare import compare
 
-            overrides = ["eval_every=100", *args.overrides]  # a finer curve than a single run's
+            overrides = args.overrides
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             try:
                 seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or None
             except ValueError:
                 raise ConfigError(f"--seeds={args.seeds}: comma-separated integers") from None
-            compare(methods, overrides, args.out, args.target, args.config, seeds=seeds)
+            target = {} if args.target is None else {"target": args.target}
+            compare(methods, overrides, args.out, config=args.config, seeds=seeds, **target)
         elif args.command == "plot":
             from hosfl.metrics.plots import plot_runs
 

@@ -23,6 +23,10 @@ from hosfl.runner import run
 SYNC = ("weights", "seeds", "scalars")
 
 
+TARGET = 0.8  # the accuracy of the steps-to-target column, from Python and the CLI alike
+EVAL_EVERY = 100  # a finer curve than a single run's (given settings come after it and win)
+
+
 def _row(r: dict, target: float | None) -> dict:
     """The figures of one loaded run folder (``load_run``)."""
     s, evals = r["summary"], r["evals"]
@@ -152,7 +156,7 @@ def compare(
     methods: list[str],
     overrides: list[str],
     out: str,
-    target: float | None = None,
+    target: float | None = TARGET,
     config: str | None = None,
     log: Callable[[str], None] = print,
     seeds: list[int] | None = None,
@@ -172,7 +176,8 @@ def compare(
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"--seeds: give distinct seeds, not {seeds}")
     runs = [
-        (m, s, Config.load(config, [*_for(m, overrides), f"method={m}", "out=",
+        (m, s, Config.load(config, [f"eval_every={EVAL_EVERY}", *_for(m, overrides),
+                                    f"method={m}", "out=",
                                     *([f"seed={s}"] if s is not None else [])]))  # fmt: skip
         for m in methods
         for s in (seeds or [None])

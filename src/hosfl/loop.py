@@ -131,7 +131,9 @@ def train(
                     rec.snapshot({"config": cfg.to_dict(), "step": t + 1, **method.state_dict()})
                 if last or t % 10 == 0 or evaluate_now:
                     shown = {} if loss is None else {"loss": f"{loss:.3f}"}
-                    bar.set_postfix(**shown, acc=f"{acc:.4f}", refresh=False)
+                    if not math.isnan(acc):  # no acc=nan before the first evaluation
+                        shown["acc"] = f"{acc:.4f}"
+                    bar.set_postfix(**shown, refresh=False)
             engine.close()
             rec.events(engine.events, when="end")  # the final check of every replica
     except Exception as e:
