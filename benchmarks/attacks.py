@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -79,10 +82,6 @@ def edge_client(attack: str, argv: list[str]) -> int:
 def over_network(attack: str, bad: int, settings: list[str], folder: Path) -> dict:
     """One run with ``hosfl serve`` and ten ``hosfl client`` processes on loopback, the first
     ``bad`` of them attacking."""
-    import socket
-    import subprocess
-    import sys
-
     from hosfl.edge import keys
 
     with socket.socket() as sock:
@@ -113,8 +112,6 @@ def over_network(attack: str, bad: int, settings: list[str], folder: Path) -> di
 
 
 def main() -> None:
-    import sys
-
     if sys.argv[1:2] == ["edge-client"]:
         raise SystemExit(edge_client(sys.argv[2], sys.argv[3:]))
     if sys.argv[1:2] == ["net"]:  # net ATTACK BAD OUT KEY=VALUE...

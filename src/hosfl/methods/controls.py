@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
 
 import torch
 
+from hosfl.methods.policy import Seen
 
-class Bound:
+
+class Bound(Seen):
     """``zo_clip``: the size of each step's zeroth-order update, ‖v̄‖ (the ZO gradient is
     ĝ = 1/(Pμ) Σ_p v̄_p u_p, so ‖ĝ‖ ≤ √(Pd)·‖v̄‖/(Pμ) whatever the directions), is capped at
     ``factor`` times the median of the last ``window`` steps' sizes, once ``warmup`` steps are
@@ -40,14 +41,8 @@ class Bound:
             self.seen = (self.seen + [norm])[-self.window :]
         return values
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"seen": list(self.seen)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen = [float(v) for v in state["seen"]]
-
-
-class Rate:
+class Rate(Seen):
     """``zo_lr_rule=output``: the client's SGD rate, set at run time from how far the probes
     move the cut layer, so that one step changes the cut layer's output by ``target`` of its
     size (the method passes zo_step·√(P/d_c)), with no per-task number.
@@ -88,9 +83,3 @@ class Rate:
         if not self.base:
             return values
         return (v * (self.rate() / self.base)).float()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seen": list(self.seen)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen = [float(v) for v in state["seen"]]

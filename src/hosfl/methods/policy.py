@@ -12,7 +12,19 @@ import torch
 from hosfl.protocol import Message, ProbeScalars, SmashedData
 
 
-class Scale:
+class Seen:
+    """The sizes a control has seen (``seen``), all of its state: what a checkpoint keeps."""
+
+    seen: list[float]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = [float(v) for v in state["seen"]]
+
+
+class Scale(Seen):
     """What honest clients have been sending: the magnitudes (largest absolute value) of the
     last ``window`` admitted uploads of one kind. An upload more than ``factor`` times their
     median, taken together with the other uploads of its own step, is rejected: a client that
@@ -37,12 +49,6 @@ class Scale:
         self.seen = (self.seen + [v for c, v in sizes.items() if c not in out])[-self.window :]
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"seen": list(self.seen)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen = [float(v) for v in state["seen"]]
-
 
 def magnitude(msg: Message) -> float | None:
     if isinstance(msg, SmashedData):
@@ -66,7 +72,7 @@ def blown_up(replies: dict[int, Message]) -> bool:
     )
 
 
-class Caps:
+class Caps(Seen):
     """The sizes the clients' uploads of one kind may have: at most ``factor`` times the median
     of the step's clients' sizes (a cold start that needs no history) and, once ``warmup``
     steps are seen, at most ``factor`` times ``history`` times the median of the sizes admitted
@@ -89,9 +95,3 @@ class Caps:
         out = {c: 1.0 if s <= cap or s == 0 else cap / s for c, s in sizes.items()}
         self.seen = (self.seen + [sizes[c] * out[c] for c in sizes])[-self.window :]
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seen": list(self.seen)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen = [float(v) for v in state["seen"]]
