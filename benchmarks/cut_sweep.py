@@ -45,7 +45,7 @@ def _plot(rows: list[dict], cuts: list[str], out: Path, task: str) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = {r["cut"]: r for r in rows if r["method"] == method}
         at = [i for i, c in enumerate(cuts) if c in mine]
-        acc.plot(at, [mine[cuts[i]]["final_acc"] for i in at], marker="o", label=method)
+        acc.plot(at, [mine[cuts[i]]["final"] for i in at], marker="o", label=method)
         mem.plot(at, [mine[cuts[i]]["client_peak_bytes"] / 2**20 for i in at], marker="o",
                  label=method)  # fmt: skip
     d_c = {r["cut"]: r["d_c"] for r in rows if r["method"] == "hosfl"}
@@ -100,7 +100,7 @@ def main() -> None:
         gain = "—" if r["gain_recovered"] is None else f"{r['gain_recovered']:.2f}"
         name = r["method"] + (f" (diverged at {r['diverged_at']})" if r["diverged_at"] else "")
         lines.append(
-            f"| {r['cut']} | {r['d_c']:,} | {name} | {r['final_acc']:.4f} | {gain} "
+            f"| {r['cut']} | {r['d_c']:,} | {name} | {r['final']:.4f} | {gain} "
             f"| {r['client_peak_bytes'] / 2**20:.1f} | {r['peak_over_inference']:.2f} |"
         )
     table = "\n".join(lines)

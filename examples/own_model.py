@@ -1,5 +1,7 @@
 import importlib.util
 import pathlib
+import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ digits = torch.utils.data.TensorDataset(rows[:, :-1].view(-1, 1, 28, 28) / 255, 
 train, test = torch.utils.data.random_split(digits, [4000, 1000], torch.Generator().manual_seed(0))
 torch.manual_seed(0)
 hosfl.register_task(hosfl.ModelTask(Net(), cut="stem", train=train, test=test, name="digits"))
+out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="hosfl-"))
 for method in ("hosfl", "sfl-v1", "frozen"):
-    cfg = hosfl.Config(task="digits", method=method, steps=300, progress=False)
+    cfg = hosfl.Config(task="digits", method=method, steps=300, out=f"{out}/{method}",
+                       progress=False)
     print(f"{method:<7} test accuracy {hosfl.run(cfg, log=lambda *a: None).accuracy:.4f}")

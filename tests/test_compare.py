@@ -28,7 +28,7 @@ def test_compare_runs_each_method_on_the_same_budget_and_writes_table_and_plots(
         log=lambda *a: None,
     )
     by = {r["method"]: r for r in rows}
-    acc = {m: r["final_acc"] for m, r in by.items()}
+    acc = {m: r["final"] for m, r in by.items()}
     if acc["sfl-v1"] - acc["frozen"] >= 0.01:
         expected = (acc["hosfl"] - acc["frozen"]) / (acc["sfl-v1"] - acc["frozen"])
         assert by["hosfl"]["gain_recovered"] == pytest.approx(expected)
@@ -98,18 +98,18 @@ def test_plot_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
 
 def test_gain_recovered_is_the_share_of_the_first_order_gain_over_a_frozen_client():
     rows = [
-        {"method": "frozen", "final_acc": 0.80},
-        {"method": "sfl-v1", "final_acc": 0.90},
-        {"method": "hosfl", "final_acc": 0.88},
-        {"method": "zo-sfl", "final_acc": 0.70},
+        {"method": "frozen", "final": 0.80},
+        {"method": "sfl-v1", "final": 0.90},
+        {"method": "hosfl", "final": 0.88},
+        {"method": "zo-sfl", "final": 0.70},
     ]
     _gain(rows)
     assert [r["gain_recovered"] for r in rows] == pytest.approx([0.0, 1.0, 0.8, -1.0])
-    alone = [{"method": "hosfl", "final_acc": 0.88}]
+    alone = [{"method": "hosfl", "final": 0.88}]
     _gain(alone)
     assert alone[0]["gain_recovered"] is None  # no frozen or SplitFed V1 row to compare with
-    no_gain = [{"method": "frozen", "final_acc": 0.80}, {"method": "sfl-v1", "final_acc": 0.805},
-               {"method": "hosfl", "final_acc": 0.81}]  # fmt: skip
+    no_gain = [{"method": "frozen", "final": 0.80}, {"method": "sfl-v1", "final": 0.805},
+               {"method": "hosfl", "final": 0.81}]  # fmt: skip
     _gain(no_gain)
     assert [r["gain_recovered"] for r in no_gain] == [None] * 3  # SplitFed V1 gains < 1 point
 
@@ -130,14 +130,14 @@ def test_compare_over_seeds_gives_mean_and_sd_per_method(tmp_path):
     assert [(r["method"], r["seed"]) for r in rows] == [
         (m, s) for m in ("frozen", "hosfl") for s in (0, 1)
     ]
-    assert len({r["final_acc"] for r in rows if r["method"] == "hosfl"}) > 1  # seeds differ
-    hosfl = [r["final_acc"] for r in rows if r["method"] == "hosfl"]
+    assert len({r["final"] for r in rows if r["method"] == "hosfl"}) > 1  # seeds differ
+    hosfl = [r["final"] for r in rows if r["method"] == "hosfl"]
     mean = sum(hosfl) / 2
     sd = (sum((a - mean) ** 2 for a in hosfl) / 1) ** 0.5
     table = (folder / "results.md").read_text()
     assert f"| hosfl | 2 | {mean:.4f} ± {sd:.4f} |" in table
     for r in rows:
-        assert r["largest_fall"] >= 0 and 0 <= r["last3_acc"] <= 1
+        assert r["largest_fall"] >= 0 and 0 <= r["last3"] <= 1
         assert (folder / f"{r['method']}-seed{r['seed']}" / "summary.json").exists()
     assert (folder / "accuracy_vs_step.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="distinct"):

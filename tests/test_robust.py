@@ -1,6 +1,7 @@
-"""What one client inside the bounds can do to a run (issue 30): ``aggregate=bounded`` caps
-each client's probe scalars at the step's median client norm and at 3× the run's recent
-norms; ``smashed_bound`` caps each client's smashed data the same way. The attacks are
+"""What one client inside the bounds can do to a run (issue 30): the default
+``aggregate=bounded`` caps each client's probe scalars (SplitFed's weight changes) at the
+step's median client norm and at 3× the run's recent norms; the default ``smashed_bound=2``
+caps each client's smashed data the same way. The attacks are
 ``hosfl.attacks``'s, the clients real."""
 
 import statistics
@@ -30,8 +31,8 @@ def test_caps_bound_one_client_by_the_others_and_a_majority_by_the_past():
 
 
 def test_a_scaled_smashed_upload_counts_as_its_bounded_self_and_gets_its_own_lambda(small_cfg):
-    bounded, _, _ = build(small_cfg(clients=3, sampled=3, smashed_bound=2.0))
-    plain, _, _ = build(small_cfg(clients=3, sampled=3))
+    bounded, _, _ = build(small_cfg(clients=3, sampled=3))  # smashed_bound=2 by default
+    plain, _, _ = build(small_cfg(clients=3, sampled=3, smashed_bound=0.0))
     _, plan = bounded.server.plan(0)
     plain.server.plan(0)
     up = {m: bounded.clients[m].handle(plan) for m in range(3)}
@@ -60,12 +61,10 @@ def _late(result) -> float:
     [("hosfl", "scale-scalars"), ("hosfl", "scale-z"), ("sfl-v1", "scale-z"),
      ("sfl-v1", "scale-weights"), ("frozen", "scale-z")],
 )  # fmt: skip
-def test_one_client_of_six_times_50_costs_at_most_3_points_under_the_bounded_rules(
+def test_one_client_of_six_times_50_costs_at_most_3_points_under_the_defaults(
     method, attack, small_cfg, tmp_path
 ):
-    bounded = {"smashed_bound": 2.0} | ({} if method == "frozen" else {"aggregate": "bounded"})
-    cfg = dict(method=method, clients=6, sampled=3, steps=150, eval_every=25, test_subset=1000,
-               **bounded)  # fmt: skip
+    cfg = dict(method=method, clients=6, sampled=3, steps=150, eval_every=25, test_subset=1000)
     honest = run(small_cfg(**cfg, out=str(tmp_path / "honest")), **QUIET)
     with attacking(METHODS[method], {0}, attack, 50.0):
         attacked = run(small_cfg(**cfg, out=str(tmp_path / "attacked")), **QUIET)

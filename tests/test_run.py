@@ -36,7 +36,7 @@ def test_run_folder_holds_config_metrics_history_and_checkpoint(small_cfg):
     } <= names
     assert len(_journal(result.out)) == 30
     evals = [r for r in _metrics(result.out) if r["event"] == "eval"]
-    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]  # from the untrained model on
     summary = json.loads((result.out / "summary.json").read_text())
     assert summary["bytes"]["up"]["scalars"] == 30 * 2 * 3 * 4  # steps × K × P × 4 bytes
 

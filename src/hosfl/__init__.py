@@ -2,11 +2,12 @@
 
     >>> import hosfl
     >>> result = hosfl.run(hosfl.Config(steps=300, out="runs/a"))   # doctest: +SKIP
-    >>> result.accuracy, result.out                                   # doctest: +SKIP
+    >>> result.metric, result.metric_name, result.out                 # doctest: +SKIP
 
 The few names a user needs; everything else lives in the submodules.
 """
 
+from hosfl.callbacks import Callback, RunInfo, StopAt
 from hosfl.compare import compare
 from hosfl.config import Config, ConfigError
 from hosfl.methods import Method
@@ -15,11 +16,14 @@ from hosfl.runner import RunResult, resume, run
 from hosfl.tasks import ModelTask, Task, register_task
 
 __all__ = [
+    "Callback",
     "Config",
     "ConfigError",
     "Method",
     "ModelTask",
+    "RunInfo",
     "RunResult",
+    "StopAt",
     "Task",
     "compare",
     "register_method",

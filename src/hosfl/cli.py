@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hosfl import methods as registry
 from hosfl.checkpoint import CheckpointError
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         "are checked against RUN/journal.sqlite; the result equals an uninterrupted run.",
     )
     rs.add_argument("run_folder")
-    ev = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    ev = sub.add_parser("eval", help="the task's test metric (accuracy by default) of a checkpoint")
     ev.add_argument("checkpoint", help="a checkpoint.pt written by hosfl run")
     for p in (rs, ev):
         p.add_argument("--legacy", action="store_true", help=LEGACY)
@@ -126,9 +127,18 @@ def _parser() -> argparse.ArgumentParser:
     ks.add_argument("--host", action="append", default=[], help="a name or address the "
                     "certificate must carry (besides localhost and 127.0.0.1); repeatable")
     pl = sub.add_parser("plot", help="redraw the plots of saved run folders")
-    pl.add_argument("run_folders", nargs="+")
+    pl.add_argument("run_folders", nargs="+", metavar="FOLDER[:LABEL]",
+                    help="run folders, each with an optional legend label after a colon")
     pl.add_argument("--out", default=".", help="where to write the PNGs (default: .)")
     return parser
+
+
+def _labelled(arg: str) -> tuple[str, str]:
+    """``FOLDER:LABEL`` (or ``FOLDER``, whose own name may hold a colon) as (folder, label)."""
+    folder, colon, label = arg.rpartition(":")
+    if not colon or Path(arg).is_dir() or not folder:
+        return arg, ""
+    return folder, label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from hosfl.runner import evaluate_checkpoint
 
-            acc, loss, steps = evaluate_checkpoint(args.checkpoint, args.legacy)
-            print(f"{args.checkpoint}: step {steps}, test accuracy {acc:.4f}, loss {loss:.4f}")
+            value, loss, steps, name = evaluate_checkpoint(args.checkpoint, args.legacy)
+            print(f"{args.checkpoint}: step {steps}, test {name} {value:.4f}, loss {loss:.4f}")
         elif args.command == "compare":
             from hosfl.compare import compare
 
@@ -188,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plot":
             from hosfl.metrics.plots import plot_runs
 
-            for path in plot_runs(args.run_folders, args.out):
+            folders, labels = zip(*map(_labelled, args.run_folders), strict=True)
+            for path in plot_runs(list(folders), args.out, list(labels)):
                 print(f"written: {path}")
         elif args.command == "replay":
             from hosfl.replay import replay_run

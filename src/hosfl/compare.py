@@ -8,6 +8,7 @@ share of first-order fine-tuning's benefit over an untrained client that a metho
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections.abc import Callable
 from itertools import pairwise
@@ -27,17 +28,26 @@ TARGET = 0.8  # the accuracy of the steps-to-target column, from Python and the 
 EVAL_EVERY = 100  # a finer curve than a single run's (given settings come after it and win)
 
 
+def reached(value: float, target: float, higher_is_better: bool) -> bool:
+    return value >= target if higher_is_better else value <= target
+
+
 def _row(r: dict, target: float | None) -> dict:
-    """The figures of one loaded run folder (``load_run``)."""
+    """The figures of one loaded run folder (``load_run``): ``final`` and ``best`` are the
+    task's metric (``metric``: accuracy unless the task names another)."""
     s, evals = r["summary"], r["evals"]
     steps, sampled = s["steps"], s["sampled"]
+    name, key, up = r["metric"], r["metric_key"], r["higher_is_better"]
+    values = [e[key] for e in evals if e["step"] > 0]
     row = {
         "method": s["method"],
-        "final_acc": s["test_acc"],
-        "best_acc": max((e["test_acc"] for e in evals), default=float("nan")),
+        "metric": name,
+        "final": s[key],
+        "best": (max if up else min)(values, default=float("nan")),
         "steps_to_target": next(
-            (e["step"] for e in evals if target and e["test_acc"] >= target), None
-        ),
+            (e["step"] for e in evals if target is not None and e["step"] > 0
+             and reached(e[key], target, up)), None
+        ),  # fmt: skip
         "bytes_up": sum(s["bytes"]["up"].values()),
         "bytes_down": sum(s["bytes"]["down"].values()),
         "sync_bytes_per_client_step": sum(
@@ -62,11 +72,11 @@ MIN_GAIN = 0.01  # SplitFed V1 over the frozen client below which "gain recovere
 def _gain(rows: list[dict]) -> None:
     """gain recovered = (acc − frozen) / (SplitFed V1 − frozen), defined where SplitFed V1 gains
     at least ``MIN_GAIN`` over the frozen client (else a ratio of two noises: None)."""
-    acc = {r["method"]: r["final_acc"] for r in rows}
-    ok = "frozen" in acc and "sfl-v1" in acc and acc["sfl-v1"] - acc["frozen"] >= MIN_GAIN
+    acc = {r["method"]: r["final"] for r in rows}
+    ok = "frozen" in acc and "sfl-v1" in acc and abs(acc["sfl-v1"] - acc["frozen"]) >= MIN_GAIN
     for r in rows:
         r["gain_recovered"] = (
-            (r["final_acc"] - acc["frozen"]) / (acc["sfl-v1"] - acc["frozen"]) if ok else None
+            (r["final"] - acc["frozen"]) / (acc["sfl-v1"] - acc["frozen"]) if ok else None
         )
 
 
@@ -74,8 +84,9 @@ def markdown(rows: list[dict], target: float | None) -> str:
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
 
+    metric = _short(rows[0].get("metric", "accuracy")) if rows else "acc"
     head = (
-        "| method | final acc | best acc | steps to "
+        f"| method | final {metric} | best {metric} | steps to "
         + f(target, ".2f")
         + " | gain recovered | MB up | MB down | sync B/client/step | client peak MiB "
         "| × inference | client ms/step | wall s |"
@@ -84,7 +95,7 @@ def markdown(rows: list[dict], target: float | None) -> str:
     for r in rows:
         name = r["method"] + (f" (diverged at {r['diverged_at']})" if r["diverged_at"] else "")
         lines.append(
-            f"| {name} | {r['final_acc']:.4f} | {r['best_acc']:.4f} "
+            f"| {name} | {r['final']:.4f} | {r['best']:.4f} "
             f"| {f(r['steps_to_target'], 'd')} | {f(r['gain_recovered'], '.2f')} "
             f"| {r['bytes_up'] / 1e6:,.1f} | {r['bytes_down'] / 1e6:,.1f} "
             f"| {r['sync_bytes_per_client_step']:,.0f} | {r['client_peak_bytes'] / 2**20:.2f} "
@@ -109,6 +120,10 @@ def _for(method: str, overrides: list[str]) -> list[str]:
     return chosen
 
 
+def _short(metric: str) -> str:
+    return "acc" if metric == "accuracy" else metric
+
+
 def mean_sd(values: list[float]) -> str:
     """``mean ± sd`` over seeds (the project's one form of it), or the value marked as one
     seed, or a dash where there is none."""
@@ -124,18 +139,20 @@ def seeds_markdown(rows: list[dict]) -> str:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
-    final = {m: statistics.mean(r["final_acc"] for r in rs) for m, rs in by.items()}
-    ok = "frozen" in final and "sfl-v1" in final and final["sfl-v1"] - final["frozen"] >= MIN_GAIN
+    final = {m: statistics.mean(r["final"] for r in rs) for m, rs in by.items()}
+    ok = ("frozen" in final and "sfl-v1" in final
+          and abs(final["sfl-v1"] - final["frozen"]) >= MIN_GAIN)  # fmt: skip
+    metric = _short(rows[0].get("metric", "accuracy")) if rows else "acc"
     lines = [
-        "| method | seeds | final acc | mean of last 3 evaluations | gain recovered "
+        f"| method | seeds | final {metric} | mean of last 3 evaluations | gain recovered "
         "| largest fall after ¼ (points) | client ms/step |",
         "|---|---|---|---|---|---|---|",
     ]
     for m, rs in by.items():
         gain = (final[m] - final["frozen"]) / (final["sfl-v1"] - final["frozen"]) if ok else None
         lines.append(
-            f"| {m} | {len(rs)} | {mean_sd([r['final_acc'] for r in rs])} "
-            f"| {mean_sd([r['last3_acc'] for r in rs])} "
+            f"| {m} | {len(rs)} | {mean_sd([r['final'] for r in rs])} "
+            f"| {mean_sd([r['last3'] for r in rs])} "
             f"| {'—' if gain is None else f'{gain:.2f}'} "
             f"| {max(r['largest_fall'] for r in rs):.1f} "
             f"| {statistics.mean(r['client_ms_per_step'] for r in rs):.1f} |"
@@ -143,13 +160,14 @@ def seeds_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _stability(evals: list[dict], row: dict) -> None:
-    """The run's mean of its last three evaluations, and its largest fall (points) between two
-    evaluations after the first quarter of its steps."""
-    accs = [e["test_acc"] for e in evals]
-    row["last3_acc"] = statistics.mean(accs[-3:]) if accs else float("nan")
-    later = [e["test_acc"] for e in evals if e["step"] >= row["steps"] / 4]
-    row["largest_fall"] = max([0.0, *(100 * (a - b) for a, b in pairwise(later))])
+def _stability(r: dict, row: dict) -> None:
+    """The run's mean of its last three evaluations, and its largest fall (points: in the
+    metric's worse direction) between two evaluations after the first quarter of its steps."""
+    key, sign = r["metric_key"], 1 if r["higher_is_better"] else -1
+    values = [e[key] for e in r["evals"] if e["step"] > 0]
+    row["last3"] = statistics.mean(values[-3:]) if values else float("nan")
+    later = [e[key] for e in r["evals"] if e["step"] >= row["steps"] / 4 and e["step"] > 0]
+    row["largest_fall"] = max([0.0, *(100 * sign * (a - b) for a, b in pairwise(later))])
 
 
 def compare(
@@ -171,8 +189,8 @@ def compare(
             f"--methods: unknown {', '.join(unknown) or '(none)'} "
             f"(valid: {', '.join(registry.METHODS)})"
         )
-    if target is not None and not 0 < target <= 1:
-        raise ConfigError(f"--target={target}: must be in (0, 1]")
+    if target is not None and not math.isfinite(target):
+        raise ConfigError(f"--target={target}: must be a finite number")
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"--seeds: give distinct seeds, not {seeds}")
     runs = [
@@ -193,7 +211,7 @@ def compare(
     rows = [_row(r, target) for r in loaded]
     for row, r, (_, _, cfg) in zip(rows, loaded, runs, strict=True):
         row["seed"], row["steps"] = cfg.seed, cfg.steps
-        _stability(r["evals"], row)
+        _stability(r, row)
     if not seeds:
         _gain(rows)
     with open(folder / "results.csv", "w", newline="") as f:

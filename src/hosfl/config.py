@@ -29,6 +29,7 @@ OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards", "by-source")
 TLS = ("auto", "on", "off")
 DIRECTIONS = ("gaussian", "rademacher", "lowrank")
+TRACKERS = ("tensorboard", "mlflow")
 AGGREGATES = ("mean", "median", "trimmed", "clipped", "bounded")
 LORA = ("none", "client", "server", "both")
 LR_RULES = ("fixed", "dimension", "output")
@@ -135,6 +136,11 @@ class Config:
     eval_every: int = _f(250, "evaluate on the test set every N steps (0: only at the end)")
     out: str = _f("", "run folder (empty: runs/<method>-<time>)")
     progress: bool = _f(True, "show a progress bar")
+    log_to: str = _f(
+        "",
+        "experiment trackers, comma-separated: tensorboard (OUT/tensorboard), mlflow "
+        "(MLFLOW_TRACKING_URI, else OUT/mlflow.db)",
+    )
     snapshot_every: int = _f(100, "write checkpoint.pt every N steps (and at each evaluation)")
     engine: str = _f("local", "where clients run: local, ray, net (or one added in engines/)")
     device: str = _f("auto", "where tensors live: auto (cuda when present), cpu, cuda, cuda:N")
@@ -176,13 +182,13 @@ class Config:
         "and the end); one that differs from the server's record is resynced from it",
     )
     aggregate: str = _f(
-        "mean",
+        "bounded",
         f"scalar aggregation: {', '.join(AGGREGATES)} (bounded: each client's scalars, and "
         "SplitFed's weight changes, at most the step's median client norm and 3× the run's "
         "recent median: measured to hold one or two ×50 clients of ten where median does not)",
     )
     smashed_bound: float = _f(
-        0.0,
+        2.0,
         "split methods: scale each client's smashed data down to at most this many times the "
         "median size (RMS) of the step's clients' and of recent uploads' (0: off)",
     )
@@ -297,6 +303,10 @@ class Config:
             "server_dtype": ("float32", "bfloat16"),
             "server_schedule": ("constant", "cosine"),
         }
+        unknown = [t for t in self.log_to.split(",") if t.strip() not in ("", *TRACKERS)]
+        if unknown:
+            valid = ", ".join(TRACKERS)
+            raise bad("log_to", f"unknown tracker {unknown[0].strip()!r} (valid: {valid})")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, f"must be one of {', '.join(allowed)}")

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hosfl import checkpoint, engines
+from hosfl.callbacks import Callback, Hooks, RunInfo
 from hosfl.config import Config
 from hosfl.journal import Journal
 from hosfl.methods.base import Diverged
@@ -22,6 +23,8 @@ from hosfl.metrics.ledger import ByteLedger
 from hosfl.metrics.memory import meter, tensor_bytes
 from hosfl.protocol import Message, ProtocolError
 from hosfl.recording import Recorder
+from hosfl.runfolder import read_metrics
+from hosfl.tasks.base import metric_key
 
 if TYPE_CHECKING:
     from hosfl.runner import Federation
@@ -70,13 +73,27 @@ def journal_hook(journal: Journal | None):
     return commit
 
 
+def _seen(out: Path, resumed: bool) -> dict[str, int]:
+    """The last train and eval steps a crashed run already reported (its rows in force)."""
+    if not resumed or not (out / "metrics.jsonl").is_file():
+        return {}
+    rows, _ = read_metrics(out / "metrics.jsonl")
+    return {event: max((r["step"] for r in rows if r.get("event") == event), default=-1)
+            for event in ("train", "eval")}  # fmt: skip
+
+
 def train(
     cfg: Config, fed: Federation, test, out: Path, start: int, ledger: ByteLedger,
-    wall_before: float, log, resumed: bool, evaluate,
+    wall_before: float, log, resumed: bool, evaluate, callbacks: list[Callback],
 ) -> dict:  # fmt: skip
     """Steps ``start``..``steps`` of ``fed``; returns the summary (also written). The metrics
-    are opened once the engine stands (its clients joined): a start that fails writes nothing."""
+    are opened once the engine stands (its clients joined): a start that fails writes nothing.
+    ``callbacks`` see each row once the file holds it; one may stop the run after a step."""
     method = fed.server
+    task = fed.task
+    info = RunInfo(cfg, out, task.metric_name, metric_key(task.metric_name),
+                   task.higher_is_better, start, resumed)  # fmt: skip
+    hooks = Hooks(info, callbacks, _seen(out, resumed))
     d_c = sum(p.numel() for p in fed.client_model.parameters() if p.requires_grad)
     d_s = sum(p.numel() for p in fed.server_model.parameters() if p.requires_grad)
     client_lr = method.client_lr
@@ -91,22 +108,32 @@ def train(
     journal = Journal(out / "journal.sqlite") if method.record is not None else None
     # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
     run = engines.RunContext(cfg, fed, ledger, min(1, cfg.steps - 1), journal, out, log)
-    acc, diverged, cause = float("nan"), None, ""
+    acc, diverged, cause, stopped = float("nan"), None, "", None
     try:
         engine = engines.get(cfg.engine).for_run(run)
     except BaseException:
         if journal is not None:
             journal.close()
         raise
-    rec = Recorder(cfg, out, ledger, start, resumed, wall_before, log)
+    rec = Recorder(cfg, out, ledger, start, resumed, wall_before, log, info.metric_key)
     # a resume redoes the journaled steps, each checked against its row: no checkpoint is
     # written before they all are, so a resume that fails on one leaves checkpoint.pt as it was
     redone = journal.end if journal is not None and resumed else 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
                file=sys.stderr, unit="step", dynamic_ncols=True)  # fmt: skip
+    metric = "acc" if info.metric == "accuracy" else info.metric  # the progress bar's label
+
+    def evaluation(step: int) -> float:
+        value, test_loss = evaluate(fed.client_model, method.evaluated_server, task, test)
+        hooks.row(rec.evaluation(step, value, test_loss))
+        return value
+
     try:
         with engine:
             engine.before_broadcast = journal_hook(journal)
+            hooks.start()
+            if start == 0 and cfg.eval_every:  # the curve's first point: the model untrained
+                evaluation(0)  # not the run's result: a run that diverges at once has none
             for t in bar:
                 try:
                     loss, _ = method.step(t, engine)
@@ -118,22 +145,25 @@ def train(
                     diverged, cause = t + 1, cause or f"the server's training loss is {loss}"
                     rec.diverged(diverged, cause)
                     break
-                rec.train(t + 1, loss)
+                hooks.row(rec.train(t + 1, loss))
                 last = t + 1 == cfg.steps
                 evaluate_now = last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0)
                 if evaluate_now:
-                    acc, test_loss = evaluate(
-                        fed.client_model, method.evaluated_server, fed.task, test
-                    )
-                    rec.evaluation(t + 1, acc, test_loss)
+                    acc = evaluation(t + 1)
                 due = evaluate_now or (cfg.snapshot_every and (t + 1) % cfg.snapshot_every == 0)
-                if due and t + 1 >= redone:
+                if (due or info.stopped) and t + 1 >= redone:
                     rec.snapshot({"config": cfg.to_dict(), "step": t + 1, **method.state_dict()})
+                    hooks.checkpoint(t + 1)
                 if last or t % 10 == 0 or evaluate_now:
                     shown = {} if loss is None else {"loss": f"{loss:.3f}"}
                     if not math.isnan(acc):  # no acc=nan before the first evaluation
-                        shown["acc"] = f"{acc:.4f}"
+                        shown[metric] = f"{acc:.4f}"
                     bar.set_postfix(**shown, refresh=False)
+                if info.stopped and t + 1 >= redone:
+                    stopped = t + 1
+                    log(f"hosfl: stopped at step {stopped}: {info.stopped}; `hosfl resume "
+                        f"{out}` continues it")  # fmt: skip
+                    break
             engine.close()
             rec.events(engine.events, when="end")  # the final check of every replica
     except Exception as e:
@@ -149,7 +179,9 @@ def train(
     summary = {
         "method": cfg.method,
         "engine": cfg.engine,
-        "test_acc": acc,
+        "metric": info.metric,
+        "higher_is_better": info.higher_is_better,
+        info.metric_key: acc,
         "steps": cfg.steps,
         "sampled": cfg.sampled,
         "wall_s": rec.wall(),
@@ -162,6 +194,8 @@ def train(
         "client_ms_per_step": engine.client_ms_per_step(cfg.sampled),
         "diverged_at": diverged,
         "diverged_cause": cause or None,
+        "stopped_at": stopped,
+        "stopped_by": info.stopped if stopped else None,
         "clients_in_sync": engine.verified,
         # client processes (engine=ray/net): the largest one's peak resident memory, and the
         # bytes the network transport counted in its frames
@@ -170,4 +204,5 @@ def train(
         "rejected": rec.rejected,
     }
     rec.summary(summary)
+    hooks.end(summary)
     return summary

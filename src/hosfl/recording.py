@@ -37,9 +37,10 @@ class Recorder:
 
     def __init__(
         self, cfg: Config, out: Path, ledger: ByteLedger, start: int, resumed: bool,
-        wall_before: float, log,
+        wall_before: float, log, metric_key: str = "test_acc",
     ) -> None:  # fmt: skip
         self.cfg, self.out, self.ledger, self.log = cfg, out, ledger, log
+        self.metric_key = metric_key
         self.metrics = runfolder.open_metrics(out / "metrics.jsonl", start if resumed else None)
         self.wall_before, self.started = wall_before, time.perf_counter()
         self.rejected = 0
@@ -59,14 +60,22 @@ class Recorder:
             at = when or f"step {row['step']}"
             self.log(f"hosfl: {at}: {what} {row['client']}: {row['reason']}")
 
-    def train(self, step: int, loss: float | None) -> None:
-        self.row({"event": "train", "step": step, "loss": loss,
-                  "bytes_up": self.ledger.total("up"), "bytes_down": self.ledger.total("down"),
-                  "wall_s": round(self.wall(), 4)})  # fmt: skip
+    def reported(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` written and in the file (callbacks are told of it only then)."""
+        self.row(row)
+        self.metrics.flush()
+        return row
 
-    def evaluation(self, step: int, acc: float, loss: float) -> None:
-        self.row({"event": "eval", "step": step, "test_acc": acc, "test_loss": loss,
-                  "bytes": self.ledger.total(), "wall_s": self.wall()})  # fmt: skip
+    def train(self, step: int, loss: float | None) -> dict[str, Any]:
+        return self.reported({
+            "event": "train", "step": step, "loss": loss, "bytes_up": self.ledger.total("up"),
+            "bytes_down": self.ledger.total("down"), "wall_s": round(self.wall(), 4)})  # fmt: skip
+
+    def evaluation(self, step: int, value: float, loss: float) -> dict[str, Any]:
+        """The task's metric (under ``metric_key``) and loss on the test set at ``step``."""
+        return self.reported({"event": "eval", "step": step, self.metric_key: value,
+                              "test_loss": loss, "bytes": self.ledger.total(),
+                              "wall_s": self.wall()})  # fmt: skip
 
     def diverged(self, step: int, cause: str) -> None:
         self.log(

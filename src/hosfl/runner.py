@@ -8,12 +8,14 @@ Run folder:
     client_init.pt   the client weights before step 0 (replay starts here)
     checkpoint.pt    weights, optimizer states and byte ledger, rewritten every snapshot_every
                      steps and at every evaluation (``hosfl resume`` continues from it)
-    summary.json     final accuracy, bytes by direction and payload type, wall time
+    summary.json     the final metric, bytes by direction and payload type, wall time
+    tensorboard/, mlflow.db   the trackers ``log_to`` names (``hosfl.trackers``)
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hosfl import checkpoint, devices, engines, loop, methods, runfolder, tasks
+from hosfl import checkpoint, devices, engines, loop, methods, runfolder, tasks, trackers
+from hosfl.callbacks import Callback
 from hosfl.config import Config, ConfigError
 from hosfl.data import source
 from hosfl.data.partition import histogram
@@ -29,7 +32,7 @@ from hosfl.journal import Journal
 from hosfl.methods.base import ClientRole, Method
 from hosfl.methods.shard import Shard
 from hosfl.metrics.ledger import ByteLedger
-from hosfl.tasks.base import Task
+from hosfl.tasks.base import Task, metric_key
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Federation:
 @dataclass
 class RunResult:
     out: Path
-    accuracy: float
+    metric: float  # the task's metric at the end (``metric_name``: accuracy by default)
     steps: int
     wall_s: float
     ledger: ByteLedger
@@ -60,24 +63,42 @@ class RunResult:
     server_model: nn.Module
     summary: dict
 
+    @property
+    def metric_name(self) -> str:
+        return self.summary.get("metric", "accuracy")
+
+    @property
+    def accuracy(self) -> float:
+        """The final accuracy, for a task whose metric is accuracy."""
+        if self.metric_name != "accuracy":
+            raise AttributeError(f"this run's metric is {self.metric_name}: use .metric")
+        return self.metric
+
 
 @torch.no_grad()
 def evaluate(
     client: nn.Module, server: nn.Module, task: Task, data: source.Data, batch: int = 1000
 ) -> tuple[float, float]:
-    """The task's metric (accuracy by default) and mean loss of server(client(x)) in eval
-    mode, over ``data``; batch means weighted by batch size."""
+    """The task's metric and mean loss of server(client(x)) in eval mode, over ``data``. A
+    metric that is a mean over examples (accuracy) is summed batch by batch; any other is
+    computed once over all the outputs (gathered on the CPU)."""
     was = client.training, server.training
     client.eval(), server.eval()
     metric, loss, n = 0.0, 0.0, 0
+    outputs, targets = [], []
     cdev, sdev = devices.of(client), devices.of(server)
     for x, y in source.batches(data, batch):
         out = server(devices.to(client(devices.to(x, cdev)), sdev))
         y = devices.to(y, sdev)
-        metric += task.metric(out, y) * len(y)
+        if task.metric_is_mean:
+            metric += task.metric(out, y) * len(y)
+        else:
+            outputs.append(out.float().cpu()), targets.append(y.cpu())
         loss += float(task.loss(out, y)) * len(y)
         n += len(y)
     client.train(was[0]), server.train(was[1])
+    if not task.metric_is_mean:
+        metric = task.metric(torch.cat(outputs), torch.cat(targets)) * n
     return metric / n, loss / n
 
 
@@ -164,8 +185,10 @@ def _print_histogram(labels: np.ndarray, parts: list[np.ndarray], classes: int) 
         print(f"{m:>6}  " + " ".join(f"{n:>5}" for n in row) + f"  {row.sum():>5}")
 
 
-def run(cfg: Config, log=print) -> RunResult:
-    """Train ``cfg`` and write its run folder; returns the final figures."""
+def run(cfg: Config, log=print, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train ``cfg`` and write its run folder; returns the final figures. ``callbacks``
+    (``hosfl.callbacks``) are called at each step, evaluation, checkpoint and the end, after
+    the trackers ``cfg.log_to`` names."""
     cfg.validate()
     # an unknown engine or a missing package is an error before anything is written
     if engines.get(cfg.engine).remote:
@@ -178,18 +201,20 @@ def run(cfg: Config, log=print) -> RunResult:
         checkpoint.save(out / "client_init.pt", _initial(cfg, fed))
         if log is print and fed.task.classes:
             _print_histogram(labels, parts, fed.task.classes)
-        return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log)
+        return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log, callbacks)
 
 
 def _train(
     cfg: Config, fed: Federation, test, out: Path, start: int, ledger: ByteLedger,
-    wall_before: float, log, resumed: bool = False,
+    wall_before: float, log, callbacks: Sequence[Callback], resumed: bool = False,
 ) -> RunResult:  # fmt: skip
-    summary = loop.train(cfg, fed, test, out, start, ledger, wall_before, log, resumed, evaluate)
+    hooks = [*trackers.from_config(cfg), *callbacks]
+    summary = loop.train(cfg, fed, test, out, start, ledger, wall_before, log, resumed, evaluate,
+                         hooks)  # fmt: skip
     diverged = summary["diverged_at"]
-    done = diverged - 1 if diverged else cfg.steps
-    return RunResult(out, summary["test_acc"], done, summary["wall_s"], ledger, fed.client_model,
-                     fed.server_model, summary)  # fmt: skip
+    done = diverged - 1 if diverged else summary["stopped_at"] or cfg.steps
+    return RunResult(out, summary[metric_key(summary["metric"])], done, summary["wall_s"],
+                     ledger, fed.client_model, fed.server_model, summary)  # fmt: skip
 
 
 def _initial(cfg: Config, fed: Federation) -> dict:
@@ -201,7 +226,9 @@ def _initial(cfg: Config, fed: Federation) -> dict:
     }
 
 
-def resume(folder: str | Path, log=print, legacy: bool = False) -> RunResult:
+def resume(
+    folder: str | Path, log=print, legacy: bool = False, callbacks: Sequence[Callback] = ()
+) -> RunResult:
     """Continue the run in ``folder`` from its last checkpoint to ``steps``; the steps redone
     are checked against the journal (the same (seeds, v̄), bit for bit), and the final weights
     are those an uninterrupted run reaches. Everything is checked before anything is written:
@@ -210,10 +237,10 @@ def resume(folder: str | Path, log=print, legacy: bool = False) -> RunResult:
     if not (folder / "config.toml").is_file():
         raise checkpoint.CheckpointError(f"{folder} is not a run folder (no config.toml)")
     with runfolder.locked(folder):
-        return _resume(folder, log, legacy)
+        return _resume(folder, log, legacy, callbacks)
 
 
-def _resume(folder: Path, log, legacy: bool) -> RunResult:
+def _resume(folder: Path, log, legacy: bool, callbacks: Sequence[Callback]) -> RunResult:
     cfg = Config.load(folder / "config.toml", [f"out={folder}"])
     last, init = folder / "checkpoint.pt", folder / "client_init.pt"
     fresh = not last.is_file() and not init.is_file()  # killed before its first checkpoint
@@ -258,7 +285,7 @@ def _resume(folder: Path, log, legacy: bool) -> RunResult:
         checkpoint.save(init, _initial(cfg, fed))
     log(f"hosfl: resuming {folder} at step {start} of {cfg.steps}")
     wall = float(state.get("wall_s", 0.0)) if state else 0.0
-    return _train(cfg, fed, test, folder, start, ledger, wall, log, resumed=True)
+    return _train(cfg, fed, test, folder, start, ledger, wall, log, callbacks, resumed=True)
 
 
 def _load(model: nn.Module, weights: dict, path: Path) -> None:
@@ -279,9 +306,9 @@ def _remote_task(cfg: Config) -> None:
 
 
 def summary_table(result: RunResult) -> str:
-    """The end-of-run table: accuracy, steps, wall time, bytes by direction and payload."""
+    """The end-of-run table: the task's metric, steps, wall time, bytes by direction and payload."""
     lines = [
-        f"{'test accuracy':<24}{result.accuracy:>14.4f}",
+        f"{'test ' + result.metric_name:<24}{result.metric:>14.4f}",
         f"{'steps':<24}{result.steps:>14}",
         f"{'wall time (s)':<24}{result.wall_s:>14.1f}",
     ]
@@ -310,11 +337,13 @@ def load_models(state: dict) -> tuple[Config, nn.Module, nn.Module, Task]:
     return cfg, client, server, task
 
 
-def evaluate_checkpoint(path: str | Path, legacy: bool = False) -> tuple[float, float, int]:
-    """(accuracy, loss, step) of a checkpoint on its task's test set."""
+def evaluate_checkpoint(
+    path: str | Path, legacy: bool = False
+) -> tuple[float, float, int, str]:
+    """(metric, loss, step, the metric's name) of a checkpoint on its task's test set."""
     state = checkpoint.load(path, legacy)
     cfg, client, server, task = load_models(state)
     if state["step"] > cfg.steps:
         raise checkpoint.CheckpointError(f"{path}: step {state['step']} of a {cfg.steps}-step run")
-    acc, loss = evaluate(client, server, task, task.load("test", cfg.test_subset))
-    return acc, loss, int(state["step"])
+    value, loss = evaluate(client, server, task, task.load("test", cfg.test_subset))
+    return value, loss, int(state["step"]), task.metric_name

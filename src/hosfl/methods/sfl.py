@@ -91,8 +91,10 @@ class SplitFedV1(SplitMethod):
         return Client(shard, self.client_model, self.cfg)
 
     def send_model(self, t: int, clients: list[int], engine) -> None:
-        weights = flatten(shared_state(self.client_model))
-        engine.tell({m: ModelWeights(t, weights) for m in clients})
+        # kept as the clients' starting point: in-process their forwards move the shared
+        # model's BatchNorm statistics before the average
+        self.sent = flatten(shared_state(self.client_model))
+        engine.tell({m: ModelWeights(t, self.sent) for m in clients})
 
     def average(self, t: int, local: dict[int, Message]) -> ModelWeights | None:
         """FedAvg of the admitted local models into the server's θ_c."""
@@ -104,7 +106,7 @@ class SplitFedV1(SplitMethod):
         if caps is None:
             avg = torch.stack([local[c].weights for c in cids]).mean(0)
         else:  # aggregate=bounded: each client's change at most the step's median and 3× recent
-            here = flatten(shared_state(self.client_model)).double()
+            here = self.sent.double()  # what every client started the step from
             deltas = torch.stack([local[c].weights.double() - here for c in cids])
             scale = caps.scales(dict(zip(cids, deltas.norm(dim=1).tolist(), strict=True)))
             factors = torch.tensor([scale[c] for c in cids], dtype=torch.float64)[:, None]

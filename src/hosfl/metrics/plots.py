@@ -1,4 +1,5 @@
-"""Plots of saved runs: accuracy against steps and against bytes, and client peak memory.
+"""Plots of saved runs: the task's metric against steps (from step 0) and against bytes, and
+client peak memory; titled with the task and the settings the runs share.
 
 Everything is read back from run folders (metrics.jsonl, summary.json), so ``hosfl plot``
 redraws without rerunning anything.
@@ -7,6 +8,7 @@ redraws without rerunning anything.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 from hosfl.checkpoint import CheckpointError
@@ -14,17 +16,23 @@ from hosfl.packages import MissingPackage
 
 
 def load_run(folder: str | Path) -> dict:
-    """summary.json plus the evaluation rows of metrics.jsonl of one run folder."""
+    """summary.json, the settings of config.toml and the evaluation rows of metrics.jsonl of
+    one run folder, with its metric (``metric``, ``metric_key``, ``higher_is_better``)."""
     from hosfl.runfolder import read_metrics
+    from hosfl.tasks.base import metric_key
 
     folder = Path(folder)
     try:
         summary = json.loads((folder / "summary.json").read_text())
         rows, _ = read_metrics(folder / "metrics.jsonl")  # damaged lines are skipped
         evals = [row for row in rows if row.get("event") == "eval"]
-    except (OSError, json.JSONDecodeError) as e:
+        settings = tomllib.loads((folder / "config.toml").read_text())
+    except (OSError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise CheckpointError(f"{folder} is not a finished run folder ({e})") from None
-    return {"folder": folder, "summary": summary, "evals": evals}
+    metric = summary.get("metric", "accuracy")  # folders from before metrics had names
+    return {"folder": folder, "summary": summary, "evals": evals, "settings": settings,
+            "metric": metric, "metric_key": metric_key(metric),
+            "higher_is_better": summary.get("higher_is_better", True)}  # fmt: skip
 
 
 def _pyplot():
@@ -38,10 +46,20 @@ def _pyplot():
     return plt
 
 
-def plot_runs(folders: list[str | Path], out: str | Path) -> list[Path]:
-    """Write accuracy_vs_step.png, accuracy_vs_bytes.png and client_memory.png into ``out``."""
+def plot_runs(
+    folders: list[str | Path], out: str | Path, labels: list[str] | None = None
+) -> list[Path]:
+    """Write accuracy_vs_step.png, accuracy_vs_bytes.png and client_memory.png into ``out``
+    (the task's metric on the y axis). A run's label is ``labels[i]`` where given, else its
+    method, with its folder's name where two runs share a method."""
     runs = [load_run(f) for f in folders]
-    return _plot([(r["summary"]["method"], [r]) for r in runs], out)
+    methods = [r["summary"]["method"] for r in runs]
+    names = [
+        (labels[i] if labels and labels[i] else
+         m if methods.count(m) == 1 else f"{m} ({r['folder'].name})")
+        for i, (m, r) in enumerate(zip(methods, runs, strict=True))
+    ]  # fmt: skip
+    return _plot([(name, [r]) for name, r in zip(names, runs, strict=True)], out)
 
 
 def plot_groups(groups: dict[str, list[str | Path]], out: str | Path) -> list[Path]:
@@ -51,31 +69,55 @@ def plot_groups(groups: dict[str, list[str | Path]], out: str | Path) -> list[Pa
     return _plot(loaded, out)
 
 
+TITLED = ("task", "cut", "clients", "sampled", "batch_size", "partition", "alpha", "steps", "P")
+
+
+def title(runs: list[dict]) -> str:
+    """The task and the key settings the runs share (a setting that differs is left out)."""
+    shared = {}
+    for key in TITLED:
+        values = {str(r["settings"].get(key)) for r in runs}
+        if len(values) == 1 and None not in {r["settings"].get(key) for r in runs}:
+            shared[key] = values.pop()
+    if shared.get("partition") != "dirichlet":
+        shared.pop("alpha", None)
+    head = shared.pop("task", "")
+    names = {"clients": "M", "sampled": "K", "batch_size": "B"}
+    return head + (": " if head and shared else "") + ", ".join(
+        f"{names.get(k, k)}={v}" for k, v in shared.items())  # fmt: skip
+
+
 def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
     plt = _pyplot()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    everything = [r for _, runs in groups for r in runs]
+    metric, key = everything[0]["metric"], everything[0]["metric_key"]
+    heading = title(everything)
+    banded = any(len(r) > 1 for _, r in groups)
     written = []
-    for name, key, xlabel, log in (
+    for name, x, xlabel, log in (
         ("accuracy_vs_step.png", "step", "step (aggregation)", False),
         ("accuracy_vs_bytes.png", "bytes", "cumulative bytes sent, up + down", True),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         for label, runs in groups:
-            curves = [{e["step"]: e for e in r["evals"]} for r in runs]
+            curves = [{e["step"]: e for e in r["evals"] if key in e} for r in runs]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
-            xs = [sum(c[t][key] for c in curves) / len(curves) for t in steps]
-            accs = [[c[t]["test_acc"] for c in curves] for t in steps]
-            ax.plot(xs, [sum(a) / len(a) for a in accs], marker=".", label=label)
+            if log:  # no bytes at step 0: it has no place on a log axis
+                steps = [t for t in steps if t > 0]
+            xs = [sum(c[t][x] for c in curves) / len(curves) for t in steps]
+            ys = [[c[t][key] for c in curves] for t in steps]
+            ax.plot(xs, [sum(v) / len(v) for v in ys], marker=".", label=label)
             if len(runs) > 1:
-                ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
+                ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], alpha=0.2)
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy" + (" (band: lowest to highest seed)" if any(
-            len(r) > 1 for _, r in groups) else ""))  # fmt: skip
+        ax.set_ylabel(f"test {metric}" + (" (band: lowest to highest seed)" if banded else ""))
+        ax.set_title(heading, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -85,7 +127,7 @@ def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
         return sum(r["summary"][key] for r in runs) / len(runs) / 2**20
 
     labels = [label for label, _ in groups]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.bar(labels, [mean(r, "client_peak_bytes") for _, r in groups], color="tab:blue",
            label="client peak (one step)")  # fmt: skip
     ax.scatter(
@@ -98,8 +140,9 @@ def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
         label="inference-only peak of the same client model",
     )
     ax.set_ylabel("MiB")
+    ax.set_title(heading, fontsize=9)
     ax.tick_params(axis="x", rotation=30)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "client_memory.png", dpi=110)
     plt.close(fig)

@@ -22,15 +22,26 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
     return float((output.argmax(1) == target).float().mean())
 
 
+def metric_key(name: str) -> str:
+    """Where a metric goes in eval rows and summaries: ``test_acc`` for accuracy (as ever),
+    ``test_<name>`` for any other."""
+    return "test_acc" if name == "accuracy" else f"test_{name}"
+
+
 class Task(ABC):
     """A dataset, a model with named cut points, and the objective: ``loss(output, target)``
-    (a scalar tensor, the batch mean) and ``metric(output, target)`` (a float, the batch mean;
-    higher is better). Cross-entropy and accuracy unless a task says otherwise."""
+    (a scalar tensor, the batch mean) and ``metric(output, target)`` (a float over the
+    examples given), named ``metric_name`` with its direction. Cross-entropy and accuracy
+    unless a task says otherwise. A metric that is a mean over examples (``metric_is_mean``)
+    is computed batch by batch; any other once, over the whole test set's outputs."""
 
     name: str
     classes: int  # 0: targets are not class labels (no label checks, no label partitions)
     cuts: tuple[str, ...]  # valid cut points, earliest first ("encoder.2" names stage encoder_2)
     defaults: dict[str, Any] = {}  # config values of this task where the user sets none
+    metric_name: str = "accuracy"
+    higher_is_better: bool = True
+    metric_is_mean: bool = True
 
     @abstractmethod
     def load(self, split: str, limit: int = 0) -> source.Data:
@@ -89,7 +100,10 @@ class ModelTask(Task):
       ``test``, partitioned among the clients by the config's partitioner; or ``train`` as a
       list of datasets, one per client, as they already are (then clients = their number).
     - the objective: ``loss(output, target)`` and ``metric(output, target)``; cross-entropy
-      and accuracy when not given. ``classes=0`` for targets that are not class labels.
+      and accuracy when not given. A metric is computed once over the whole test set's outputs
+      (R², F1 and AUC are not means of batches), named ``metric_name`` (the function's name
+      when not given) with ``higher_is_better``. ``classes=0`` for targets that are not class
+      labels.
     """
 
     def __init__(
@@ -103,6 +117,8 @@ class ModelTask(Task):
         test: Any,
         loss: Any = None,
         metric: Any = None,
+        metric_name: str | None = None,
+        higher_is_better: bool = True,
         classes: int | None = None,
         name: str = "custom",
         defaults: dict[str, Any] | None = None,
@@ -125,6 +141,10 @@ class ModelTask(Task):
             )
         self._data = {"train": source.check(train, "train"), "test": source.check(test, "test")}
         self._loss, self._metric = loss or F.cross_entropy, metric or accuracy
+        self.metric_is_mean = self._metric is accuracy
+        name = metric_name or getattr(self._metric, "__name__", "")
+        self.metric_name = name if name.isidentifier() and name != "<lambda>" else "metric"
+        self.higher_is_better = higher_is_better
         if classes is None:
             labels = source.targets(self._data["train"])
             classes = int(labels.max()) + 1 if not labels.is_floating_point() else 0
