@@ -30,7 +30,7 @@ from hosfl.compare import mean_sd
 ATTACKS = "none,scale-scalars:50,scale-scalars:1000,scale-scalars:-3,constant-scalars:1,alie:1.5,scale-z:50,random-z:1,flip-labels"  # noqa: E501
 
 
-def one(args: tuple[str, str, int, int, list[str], str]) -> dict:
+def one(args: tuple[str, str, int, int, list[str], str, bool]) -> dict | None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -41,11 +41,13 @@ def one(args: tuple[str, str, int, int, list[str], str]) -> dict:
     from hosfl.runfolder import read_metrics
     from hosfl.runner import run
 
-    attack, aggregate, bad, seed, extra, out = args
+    attack, aggregate, bad, seed, extra, out, read = args
     name, _, value = attack.partition(":")
     label = aggregate.replace("=", "").replace("+", "-")
     folder = Path(out) / f"{name}{value}-{bad}bad-{label}-seed{seed}"
     if not (folder / "summary.json").is_file():
+        if read:
+            return None
         cfg = Config.load(None, [*extra, *aggregate.split("+"), f"seed={seed}",
                                  "eval_every=100", "progress=false", f"out={folder}"])  # fmt: skip
         malicious = set(range(bad)) if name != "none" else set()
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out", default="benchmarks/results/attacks")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--read", action="store_true",
+                        help="only read the runs already in --out (a missing one: not counted)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every run (e.g. method=sfl-v1)")  # fmt: skip
     args = parser.parse_args()
@@ -138,9 +142,9 @@ def main() -> None:
     for attack in args.attacks.split(","):
         for bad in [0] if attack == "none" else [int(b) for b in args.bad.split(",")]:
             for aggregate in args.aggregates.split(","):
-                todo += [(attack, aggregate, bad, s, extra, args.out) for s in seeds]
+                todo += [(attack, aggregate, bad, s, extra, args.out, args.read) for s in seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(one, todo))
+        runs = [r for r in pool.map(one, todo) if r is not None]
     sets = "".join(f" --set {kv}" for kv in args.set)
     print(f"command: python benchmarks/attacks.py --seeds {args.seeds} --steps {args.steps} "
           f"--attacks {args.attacks} --bad {args.bad} --aggregates {args.aggregates}{sets}\n")
@@ -156,6 +160,7 @@ def main() -> None:
                 note = sum(r["honest_rejected"] for r in mine)
                 diverged = sum(r["diverged"] for r in mine)
                 cells.append(mean_sd([r["final"] for r in mine])
+                             + (f" ({len(mine)} seeds)" if 1 < len(mine) < len(seeds) else "")
                              + (f", {note} honest rejected" if note else "")
                              + (f", {diverged} diverged" if diverged else ""))  # fmt: skip
             print(f"| {attack} | {bad} | " + " | ".join(cells) + " |")

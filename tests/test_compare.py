@@ -1,6 +1,7 @@
 """hosfl compare and hosfl plot: one folder with a table, a CSV and plots, from real runs."""
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 from hosfl.compare import _for, _gain, compare
 from hosfl.config import ConfigError
+from hosfl.metrics.plots import legend, load_run, title
 
 
 def test_compare_runs_each_method_on_the_same_budget_and_writes_table_and_plots(tmp_path):
@@ -68,6 +70,18 @@ def test_compare_runs_each_method_on_the_same_budget_and_writes_table_and_plots(
     )
     assert done.returncode == 0, done.stderr
     assert (redraw / "accuracy_vs_bytes.png").exists()
+    labelled = subprocess.run(
+        [sys.executable, "-m", "hosfl.cli", "plot", f"{folder / 'hosfl'}:first",
+         f"{folder / 'frozen'}:second", "--out", str(tmp_path / "labelled")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert labelled.returncode == 0, labelled.stderr
+    shutil.copytree(folder / "hosfl", tmp_path / "again")
+    runs = [load_run(folder / "hosfl"), load_run(tmp_path / "again")]
+    assert legend(runs) == ["hosfl (hosfl)", "hosfl (again)"]  # two runs of one method
+    assert legend(runs, ["a", "b"]) == ["a", "b"]
+    assert title(runs) == "fmnist-cnn: cut=conv2, M=4, K=2, B=32, partition=iid, steps=12, P=5"
+    assert [e["step"] for e in runs[0]["evals"]] == [0, 4, 8, 12]  # the curve starts untrained
 
 
 def test_compare_rejects_unknown_methods_in_one_line(tmp_path):

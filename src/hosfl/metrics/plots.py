@@ -53,13 +53,19 @@ def plot_runs(
     (the task's metric on the y axis). A run's label is ``labels[i]`` where given, else its
     method, with its folder's name where two runs share a method."""
     runs = [load_run(f) for f in folders]
+    names = legend(runs, labels)
+    return _plot([(name, [r]) for name, r in zip(names, runs, strict=True)], out)
+
+
+def legend(runs: list[dict], labels: list[str] | None = None) -> list[str]:
+    """Each run's label: the one given, else its method, with its folder's name where two runs
+    share a method."""
     methods = [r["summary"]["method"] for r in runs]
-    names = [
+    return [
         (labels[i] if labels and labels[i] else
          m if methods.count(m) == 1 else f"{m} ({r['folder'].name})")
         for i, (m, r) in enumerate(zip(methods, runs, strict=True))
     ]  # fmt: skip
-    return _plot([(name, [r]) for name, r in zip(names, runs, strict=True)], out)
 
 
 def plot_groups(groups: dict[str, list[str | Path]], out: str | Path) -> list[Path]:
