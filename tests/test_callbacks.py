@@ -3,6 +3,7 @@ metrics.jsonl holds, once; TensorBoard's and MLflow's stores read back with thei
 a metric that is not a mean of batches is computed over the whole test set."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,14 @@ def test_r2_is_named_and_computed_over_the_whole_test_set_as_scikit_learn_does(t
     assert abs(sum(v * n for v, n in batches) / len(y) - whole) > 1e-3
     keys = [set(r) & {"test_r2", "test_acc"} for r in _rows(result.out, "eval")]
     assert keys == [{"test_r2"}] * 4
+
+
+def test_a_tracker_whose_package_is_missing_stops_the_run_before_its_folder(small_cfg,
+                                                                            monkeypatch):
+    from hosfl.packages import MissingPackage
+
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # as if not installed
+    cfg = small_cfg(log_to="mlflow")
+    with pytest.raises(MissingPackage, match=r"pip install 'hosfl\[mlflow\]'"):
+        hosfl.run(cfg, log=lambda *a: None)
+    assert not Path(cfg.out).exists()

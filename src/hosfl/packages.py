@@ -15,4 +15,4 @@ def need(module: str, install: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingPackage(f"this task needs {module!r}: {install}") from None
+        raise MissingPackage(f"this needs {module!r}: {install}") from None

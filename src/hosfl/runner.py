@@ -194,6 +194,7 @@ def run(cfg: Config, log=print, callbacks: Sequence[Callback] = ()) -> RunResult
     if engines.get(cfg.engine).remote:
         _remote_task(cfg)
     fed, test, (labels, *parts) = build(cfg)
+    hooks = [*trackers.from_config(cfg), *callbacks]  # a missing tracker: before the folder
     out = runfolder.prepare(cfg.out, cfg.method)
     with runfolder.locked(out):
         # config.toml first and whole (a folder holding it is a run folder), then the start
@@ -201,16 +202,15 @@ def run(cfg: Config, log=print, callbacks: Sequence[Callback] = ()) -> RunResult
         checkpoint.save(out / "client_init.pt", _initial(cfg, fed))
         if log is print and fed.task.classes:
             _print_histogram(labels, parts, fed.task.classes)
-        return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log, callbacks)
+        return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log, hooks)
 
 
 def _train(
     cfg: Config, fed: Federation, test, out: Path, start: int, ledger: ByteLedger,
-    wall_before: float, log, callbacks: Sequence[Callback], resumed: bool = False,
+    wall_before: float, log, hooks: Sequence[Callback], resumed: bool = False,
 ) -> RunResult:  # fmt: skip
-    hooks = [*trackers.from_config(cfg), *callbacks]
     summary = loop.train(cfg, fed, test, out, start, ledger, wall_before, log, resumed, evaluate,
-                         hooks)  # fmt: skip
+                         list(hooks))  # fmt: skip
     diverged = summary["diverged_at"]
     done = diverged - 1 if diverged else summary["stopped_at"] or cfg.steps
     return RunResult(out, summary[metric_key(summary["metric"])], done, summary["wall_s"],
@@ -258,6 +258,7 @@ def _resume(folder: Path, log, legacy: bool, callbacks: Sequence[Callback]) -> R
     if start >= cfg.steps:
         raise checkpoint.CheckpointError(f"{folder} is complete ({start} of {cfg.steps} steps)")
     fed, test, _ = build(cfg)
+    hooks = [*trackers.from_config(cfg), *callbacks]
     if state is not None and start == 0:  # client_init.pt: the weights, the initial state
         _load(fed.client_model, state["client"], init)
     elif state is not None:
@@ -285,7 +286,7 @@ def _resume(folder: Path, log, legacy: bool, callbacks: Sequence[Callback]) -> R
         checkpoint.save(init, _initial(cfg, fed))
     log(f"hosfl: resuming {folder} at step {start} of {cfg.steps}")
     wall = float(state.get("wall_s", 0.0)) if state else 0.0
-    return _train(cfg, fed, test, folder, start, ledger, wall, log, callbacks, resumed=True)
+    return _train(cfg, fed, test, folder, start, ledger, wall, log, hooks, resumed=True)
 
 
 def _load(model: nn.Module, weights: dict, path: Path) -> None:

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from hosfl.callbacks import Callback, RunInfo
-from hosfl.packages import MissingPackage
+from hosfl.packages import need
 
 
 def _scalars(run: RunInfo, row: dict[str, Any]) -> dict[str, float]:
@@ -46,14 +46,11 @@ def _scalars(run: RunInfo, row: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoard(Callback):
+    def __init__(self) -> None:  # a missing package is an error before the run folder exists
+        self.board = need("torch.utils.tensorboard", "pip install 'hosfl[tensorboard]'")
+
     def on_start(self, run: RunInfo) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MissingPackage(
-                "log_to=tensorboard needs tensorboard: pip install 'hosfl[tensorboard]'"
-            ) from None
-        self.writer = SummaryWriter(log_dir=str(run.out / "tensorboard"))
+        self.writer = self.board.SummaryWriter(log_dir=str(run.out / "tensorboard"))
         if not run.resumed:
             self.writer.add_text("config", "```toml\n" + run.cfg.to_toml() + "\n```", 0)
 
@@ -72,17 +69,16 @@ class TensorBoard(Callback):
 
 
 class MLflow(Callback):
+    def __init__(self) -> None:
+        self.tracking = need("mlflow.tracking", "pip install 'hosfl[mlflow]'")
+
     def on_start(self, run: RunInfo) -> None:
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise MissingPackage(
-                "log_to=mlflow needs mlflow: pip install 'hosfl[mlflow]'"
-            ) from None
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.out.resolve()}/mlflow.db"
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables"
         # the model registry is not used; a local folder keeps mlflow-skinny from refusing it
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=(run.out / "mlruns").as_uri())
+        self.client = self.tracking.MlflowClient(
+            tracking_uri=uri, registry_uri=(run.out / "mlruns").as_uri()
+        )
         kept = run.out / "mlflow_run_id"
         if run.resumed and kept.is_file():
             self.id = kept.read_text().strip()
