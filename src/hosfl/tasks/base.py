@@ -94,8 +94,10 @@ class ModelTask(Task):
 
     - the model: one ``nn.Module`` and a ``cut`` (the name of the last module the client
       holds, as in ``model.named_modules()``; any model torch.fx can trace, Sequential or not),
-      or ``client=`` and ``server=`` modules. The weights are used as given: every run starts
-      from a copy of them.
+      or ``client=`` and ``server=`` modules. A Hugging Face ``transformers`` model of a family
+      that ``tasks.transformer`` knows is cut by layer instead (``cut=2``, ``"layer.1"``, or a
+      layer's module name): the attention mask and positions cross with the hidden states.
+      The weights are used as given: every run starts from a copy of them.
     - the data: (inputs, targets) tensors or any map-style ``Dataset`` for ``train`` and
       ``test``, partitioned among the clients by the config's partitioner; or ``train`` as a
       list of datasets, one per client, as they already are (then clients = their number).
@@ -109,7 +111,7 @@ class ModelTask(Task):
     def __init__(
         self,
         model: nn.Module | None = None,
-        cut: str = "",
+        cut: str | int = "",
         *,
         client: nn.Module | None = None,
         server: nn.Module | None = None,
@@ -125,10 +127,14 @@ class ModelTask(Task):
     ) -> None:
         if (model is None) == (client is None or server is None):
             raise ValueError("give either model= and cut=, or client= and server=")
-        if model is not None:
+        if model is not None and hasattr(getattr(model, "config", None), "model_type"):
+            from hosfl.tasks.transformer import cut_at  # cut by layer: the mask travels
+
+            client, server = cut_at(model, cut)
+        elif model is not None:
             client, server = cutting.split(model, cut)  # checked now, copied per run
         self._parts = (client, server)
-        self.name, self.cut = name, cut or "given"
+        self.name, self.cut = name, "given" if cut == "" else str(cut)
         self.cuts = (self.cut,)
         self.per_client = isinstance(train, list)
         if self.per_client:
