@@ -337,3 +337,40 @@ def test_one_dataset_per_client_as_the_user_holds_them(tmp_path):
         assert set(client.shard.batch(0, 8)[1].tolist()) == {d}
     with pytest.raises(hosfl.ConfigError, match="has 3 clients"):
         build(hosfl.Config(task="per-client", clients=4).validate())
+
+
+def test_a_trained_user_model_comes_back_whole_with_its_own_keys(tmp_path):
+    hosfl.register_task(autompg())
+    result = _run(task="autompg", clients=4, sampled=2, batch_size=16, steps=20,
+                  client_lr=0.02, server_lr=0.02, out=str(tmp_path / "r"))  # fmt: skip
+    model = hosfl.load(result.out, task=autompg())  # the task, as registered in Python
+    assert type(model) is Regressor and not model.training
+    assert list(model.state_dict()) == list(Regressor().state_dict())
+    x = torch.randn(5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), result.server_model(result.client_model(x)))
+    out = hosfl.export(result.out, tmp_path / "model", task=autompg())
+    again = Regressor()
+    again.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+
+
+def test_hosfl_export_of_a_built_in_task_writes_the_whole_models_state_dict(small_cfg, tmp_path):
+    import subprocess
+    import sys
+
+    from hosfl.tasks import get
+
+    result = hosfl.run(small_cfg(steps=10), log=lambda *a: None)
+    command = [sys.executable, "-m", "hosfl.cli", "export", str(result.out), "--out",
+               str(tmp_path / "m")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    whole = get("fmnist-cnn").build(0)
+    assert list(state) == list(whole.state_dict())
+    whole.load_state_dict(state)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(whole.eval()(x), result.server_model(result.client_model(x)))

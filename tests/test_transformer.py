@@ -138,3 +138,48 @@ def test_a_transformer_given_to_modeltask_is_cut_by_layer_and_learns_with_hosfl(
     rows, _ = read_metrics(result.out / "metrics.jsonl")
     untrained = [r["test_acc"] for r in rows if r["event"] == "eval"][0]  # step 0
     assert untrained < 0.6 and result.metric > untrained + 0.15, (untrained, result.metric)
+
+
+def test_a_trained_transformer_exports_to_a_folder_that_from_pretrained_loads(tmp_path):
+    import subprocess
+    import sys
+
+    import hosfl
+
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=99, num_labels=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, pad_token_id=0))  # fmt: skip
+    test = _toy(300, 1, False)
+    task = hosfl.ModelTask(model, cut="bert.encoder.layer.0", train=_toy(1000, 0, False),
+                           test=test, name="toy-export")  # fmt: skip
+    hosfl.register_task(task)
+    cfg = hosfl.Config(task="toy-export", clients=2, sampled=2, batch_size=16, steps=20, P=2,
+                       lora="client", lora_targets="query,value", progress=False,
+                       out=str(tmp_path / "run"))  # fmt: skip
+    result = hosfl.run(cfg, log=lambda *a: None)
+    with torch.no_grad():
+        split = result.server_model.eval()(result.client_model.eval()(test[0]))
+    loaded = hosfl.load(result.out)  # LoRA merged into the weights: the same outputs
+    assert type(loaded) is tf.BertForSequenceClassification
+    assert set(loaded.state_dict()) == set(model.state_dict())  # the user's own keys
+    query = "bert.encoder.layer.0.attention.self.query.weight"  # adapted on the client
+    assert not torch.equal(loaded.state_dict()[query], model.state_dict()[query])
+    with torch.no_grad():
+        logits = loaded(input_ids=test[0], attention_mask=(test[0] != 0).long()).logits
+    torch.testing.assert_close(logits, split, rtol=1e-4, atol=1e-5)
+
+    out = hosfl.export(result.out, tmp_path / "exported")
+    again = tf.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = again(input_ids=test[0], attention_mask=(test[0] != 0).long()).logits
+    torch.testing.assert_close(logits, split, rtol=1e-4, atol=1e-5)
+    accuracy = float((logits.argmax(1) == test[1]).float().mean())
+    assert accuracy == pytest.approx(result.metric, abs=1e-6)  # what the run evaluated
+    with pytest.raises(hosfl.checkpoint.CheckpointError, match="not empty"):
+        hosfl.export(result.out, out)
+    # the CLI: a run whose task lives only in this process cannot be rebuilt there
+    command = [sys.executable, "-m", "hosfl.cli", "export", str(result.out), "--out",
+               str(tmp_path / "cli")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "toy-export" in done.stderr

@@ -10,6 +10,7 @@ The few names a user needs; everything else lives in the submodules.
 from hosfl.callbacks import Callback, RunInfo, StopAt
 from hosfl.compare import compare
 from hosfl.config import Config, ConfigError
+from hosfl.export import export, load
 from hosfl.methods import Method
 from hosfl.methods import register as register_method
 from hosfl.runner import RunResult, resume, run
@@ -26,6 +27,8 @@ __all__ = [
     "StopAt",
     "Task",
     "compare",
+    "export",
+    "load",
     "register_method",
     "register_task",
     "resume",

@@ -4,6 +4,8 @@ counted in d_c or d_s: zeroth-order probes and optimizers see only ``requires_gr
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -33,4 +35,17 @@ def lora(model: nn.Module, rank: int, alpha: float, targets: str, seed: int) -> 
         model = peft.inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
+    return model
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every LoRA adapter merged into the weight it adapts and the
+    wrapper removed: the module tree, and the state dict's keys, of the model before ``lora``."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    module.get_base_layer())  # fmt: skip
     return model

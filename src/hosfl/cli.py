@@ -1,4 +1,4 @@
-"""``hosfl``: run | resume | compare | plot | eval | replay. Argument parsing only.
+"""``hosfl``: run | resume | compare | plot | eval | export | replay. Argument parsing only.
 
 Every user error (bad config, missing data, corrupt checkpoint) is one line on stderr and exit
 code 2; nothing already on disk is overwritten.
@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("run_folder")
     ev = sub.add_parser("eval", help="the task's test metric (accuracy by default) of a checkpoint")
     ev.add_argument("checkpoint", help="a checkpoint.pt written by hosfl run")
+    ex = sub.add_parser("export", help="the trained model of a run folder, whole, into a folder")
+    ex.add_argument("run_folder")
+    ex.add_argument("--out", required=True, help="a new folder: save_pretrained files for a "
+                    "transformers model, else model.pt (the state dict)")  # fmt: skip
     for p in (rs, ev):
         p.add_argument("--legacy", action="store_true", help=LEGACY)
     rp = sub.add_parser(
@@ -184,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
             value, loss, steps, name = evaluate_checkpoint(args.checkpoint, args.legacy)
             print(f"{args.checkpoint}: step {steps}, test {name} {value:.4f}, loss {loss:.4f}")
+        elif args.command == "export":
+            from hosfl.export import export
+
+            print(f"written: {export(args.run_folder, args.out)}")
         elif args.command == "compare":
             from hosfl.compare import compare
 

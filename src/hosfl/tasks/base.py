@@ -57,6 +57,11 @@ class Task(ABC):
     def metric(self, output: torch.Tensor, target: torch.Tensor) -> float:
         return accuracy(output, target)
 
+    def assemble(self, cut: str, seed: int, client: nn.Module, server: nn.Module) -> nn.Module:
+        """The whole model with the weights of trained ``client`` and ``server`` parts (LoRA
+        merged), keyed as ``build(seed)``'s: the stages joined again."""
+        return nn.Sequential(OrderedDict([*client.named_children(), *server.named_children()]))
+
     def sources(self, limit: int = 0) -> np.ndarray | None:
         """Where each training example comes from (partition=by-source), if the data says."""
         return None
@@ -133,7 +138,7 @@ class ModelTask(Task):
             client, server = cut_at(model, cut)
         elif model is not None:
             client, server = cutting.split(model, cut)  # checked now, copied per run
-        self._parts = (client, server)
+        self._parts, self._model = (client, server), model  # the parts share its modules
         self.name, self.cut = name, "given" if cut == "" else str(cut)
         self.cuts = (self.cut,)
         self.per_client = isinstance(train, list)
@@ -172,6 +177,16 @@ class ModelTask(Task):
             raise ValueError(f"cut={cut!r}: {self.name} is cut at {self.cut!r}")
         client, server = copy.deepcopy(self._parts)  # one deepcopy: parts share nothing
         return client, server
+
+    def assemble(self, cut: str, seed: int, client: nn.Module, server: nn.Module) -> nn.Module:
+        """The user's own model (a copy) with the trained weights, keyed as the original; with
+        ``client=``/``server=`` parts, the two as ``Sequential(client, server)``."""
+        if self._model is None:
+            return nn.Sequential(OrderedDict([("client", client), ("server", server)]))
+        model, mine, theirs = copy.deepcopy((self._model, *self._parts))  # sharing kept
+        mine.load_state_dict(client.state_dict())
+        theirs.load_state_dict(server.state_dict())
+        return model
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss(output, target)

@@ -182,6 +182,16 @@ class TextTask(Task):
     def build(self, seed: int) -> nn.Sequential:
         return self.stages(self.pretrained(seed))
 
+    def assemble(self, cut: str, seed: int, client: nn.Module, server: nn.Module) -> nn.Module:
+        """The ``transformers`` model (``save_pretrained`` gives it back) with the trained
+        weights."""
+        model = self.pretrained(seed)
+        stages = self.stages(model)
+        at = self.cuts.index(cut) + 1
+        stages[:at].load_state_dict(client.state_dict())
+        stages[at:].load_state_dict(server.state_dict())
+        return model
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         tf = need("transformers", TRANSFORMERS)
         tokenizer = tf.AutoTokenizer.from_pretrained(self.model_source())
