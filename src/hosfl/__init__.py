@@ -10,6 +10,7 @@ The few names a user needs; everything else lives in the submodules.
 from hosfl.callbacks import Callback, RunInfo, StopAt
 from hosfl.compare import compare
 from hosfl.config import Config, ConfigError
+from hosfl.data.text import next_token_accuracy, next_token_loss, text_data
 from hosfl.export import export, load
 from hosfl.methods import Method
 from hosfl.methods import register as register_method
@@ -29,8 +30,11 @@ __all__ = [
     "compare",
     "export",
     "load",
+    "next_token_accuracy",
+    "next_token_loss",
     "register_method",
     "register_task",
     "resume",
     "run",
+    "text_data",
 ]

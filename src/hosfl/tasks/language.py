@@ -162,6 +162,7 @@ class TextTask(Task):
         raise NotImplementedError
 
     def stages(self, model: nn.Module) -> nn.Sequential:
+        """The model as stages (``tasks.transformer``: embeddings, one per layer, head)."""
         raise NotImplementedError
 
     @property
@@ -230,7 +231,9 @@ class SentimentMiniLM(TextTask):
         return str(package.get_model_path())
 
     def stages(self, model: nn.Module) -> nn.Sequential:
-        return bert_stages(model)
+        from hosfl.tasks.transformer import stages
+
+        return stages(model, prefix="encoder")
 
     def load(self, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         texts, labels, _ = sentences.load(split)
@@ -266,7 +269,9 @@ class GlueOpt125m(TextTask):
         return "facebook/opt-125m"
 
     def stages(self, model: nn.Module) -> nn.Sequential:
-        return opt_stages(model)
+        from hosfl.tasks.transformer import stages
+
+        return stages(model, prefix="decoder")
 
     def pretrained(self, seed: int) -> nn.Module:
         try:

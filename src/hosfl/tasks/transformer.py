@@ -10,7 +10,8 @@ it), so nothing else crosses the cut, and λ is zero on the mask by construction
 
 Families: BERT, RoBERTa, DistilBERT (encoders; sequence classification), GPT-2, OPT and the
 LLaMA layout (rotary positions, ``model.layers``; LLaMA, Mistral, Qwen2) as decoders with a
-sequence-classification (last token) or a causal-LM head. Another family is refused by name,
+sequence-classification (last token) or a causal-LM head (an output embedding tied to the
+input one is untied: each side trains its own). Another family is refused by name,
 with the ``ModelTask(client=, server=)`` way out.
 """
 
@@ -113,6 +114,11 @@ def _sequential(embed: nn.Module, layers: list[nn.Module], head: tuple[str, nn.M
     return nn.Sequential(OrderedDict(stages))
 
 
+def _renamed(whole: nn.Sequential, prefix: str) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        (name.replace("layer_", f"{prefix}_", 1), m) for name, m in whole.named_children()))
+
+
 def _bert(model: nn.Module) -> nn.Sequential:
     if not hasattr(model, "classifier"):
         raise ValueError(f"{type(model).__name__}: BERT cuts a sequence classifier")
@@ -185,9 +191,10 @@ def family(model: nn.Module) -> str | None:
     return kind if isinstance(kind, str) and hasattr(config, "to_dict") else None
 
 
-def stages(model: nn.Module) -> nn.Sequential:
+def stages(model: nn.Module, prefix: str = "layer") -> nn.Sequential:
     """``model`` (a ``transformers`` model of a family in ``FAMILIES``) as the stages
-    ``embeddings, layer_0, …, head``, sharing its modules (no copy)."""
+    ``embeddings, layer_0, …, head`` (``prefix`` names the layers: the built-in MiniLM task's
+    are ``encoder_K``), sharing its modules (no copy)."""
     family_ = family(model)
     if family_ not in FAMILIES:
         raise ValueError(
@@ -196,7 +203,19 @@ def stages(model: nn.Module) -> nn.Sequential:
             "parts as modules, with the attention mask carried as an extra feature as "
             "hosfl.tasks.language does"
         )
-    return FAMILIES[family_](model)
+    _untie(model)
+    whole = FAMILIES[family_](model)
+    return whole if prefix == "layer" else _renamed(whole, prefix)
+
+
+def _untie(model: nn.Module) -> None:
+    """An output embedding tied to the input one (GPT-2's, small LLaMAs') gets its own copy:
+    the client trains the input table, the server the output one, and nothing is shared across
+    the cut (``config.tie_word_embeddings`` is cleared, so an export keeps both)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        out.weight = nn.Parameter(inp.weight.detach().clone())
+        model.config.tie_word_embeddings = False
 
 
 def cut_transformer(model: nn.Module, layer: int) -> tuple[nn.Sequential, nn.Sequential]:
@@ -206,7 +225,11 @@ def cut_transformer(model: nn.Module, layer: int) -> tuple[nn.Sequential, nn.Seq
     n = len(whole) - 2
     if not 0 <= layer <= n:
         raise ValueError(f"layer={layer}: {model.config.model_type} has layers 0..{n}")
-    return whole[: layer + 1], whole[layer + 1 :]
+    client, server = whole[: layer + 1], whole[layer + 1 :]
+    shared = {id(p) for p in client.parameters()} & {id(p) for p in server.parameters()}
+    if shared:
+        raise ValueError(f"layer={layer}: {len(shared)} parameter(s) are used on both sides")
+    return client, server
 
 
 def cut_at(model: nn.Module, cut: int | str) -> tuple[nn.Sequential, nn.Sequential]:
