@@ -374,3 +374,20 @@ def test_hosfl_export_of_a_built_in_task_writes_the_whole_models_state_dict(smal
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(whole.eval()(x), result.server_model(result.client_model(x)))
+
+
+def test_a_refused_cut_says_what_crosses_it_in_the_users_words():
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, mask):
+            return self.b(self.a(x) * (mask == 1).float())
+
+    data = (torch.ones(2, 4), torch.ones(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="input 'mask'.*client= and server=.*transformers "
+                                         "model is cut by layer"):
+        hosfl.ModelTask(Masked(), cut="a", train=data, test=data)
+    with pytest.raises(ValueError, match="the output of 'embed' \\(a skip connection"):
+        hosfl.ModelTask(Regressor(), cut="mix", train=data, test=data)

@@ -55,6 +55,25 @@ def split(model: nn.Module, cut: str) -> tuple[nn.Module, nn.Module]:
     return client, server
 
 
+def _said(node: fx.Node) -> str:
+    """A value that crosses a cut, in the user's words."""
+    if node.op == "placeholder":
+        return f"the model's input {node.target!r}"
+    if node.op == "call_module":
+        return f"the output of {node.target!r} (a skip connection around the cut)"
+    inputs, seen, todo = set(), set(), [node]
+    while todo:  # which of the model's inputs the value is computed from
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            inputs.add(repr(n.target))
+        todo += [a for a in n.all_input_nodes]
+    source = f" from the input {', '.join(sorted(inputs))}" if inputs else ""
+    return f"a value computed{source} ({node.name}, as a mask or positions are)"
+
+
 def _split_graph(model: nn.Module, cut: str) -> tuple[fx.GraphModule, fx.GraphModule]:
     try:
         graph = _KeepWhole(cut).trace(model)
@@ -69,12 +88,14 @@ def _split_graph(model: nn.Module, cut: str) -> tuple[fx.GraphModule, fx.GraphMo
         raise ValueError(f"cut={cut!r}: the module is called {len(calls)} times in forward")
     at = nodes.index(calls[0]) + 1
     after = set(nodes[at:])
-    crossing = [n.name for n in nodes[:at] if any(u in after for u in n.users)]
-    if crossing != [calls[0].name]:
-        others = ", ".join(c for c in crossing if c != calls[0].name)
+    crossing = [n for n in nodes[:at] if any(u in after for u in n.users)]
+    if crossing != [calls[0]]:
+        others = "; ".join(_said(n) for n in crossing if n is not calls[0])
         raise ValueError(
-            f"cut={cut!r}: the rest of the model also reads {others} from before the cut; "
-            "choose a cut that only its output crosses"
+            f"cut={cut!r}: the rest of the model also reads {others} from before the cut. "
+            "Choose a cut that only its output crosses, or give ModelTask client= and server= "
+            "modules that pass the extra value on as a feature (as hosfl.tasks.language does "
+            "with an attention mask); a transformers model is cut by layer: cut=K"
         )
     client_graph, env = fx.Graph(), {}
     for n in nodes[:at]:
