@@ -389,5 +389,5 @@ def test_a_refused_cut_says_what_crosses_it_in_the_users_words():
     with pytest.raises(ValueError, match="input 'mask'.*client= and server=.*transformers "
                                          "model is cut by layer"):
         hosfl.ModelTask(Masked(), cut="a", train=data, test=data)
-    with pytest.raises(ValueError, match="the output of 'embed' \\(a skip connection"):
+    with pytest.raises(ValueError, match="the value 'tanh' computed from the input 'x' \\(a skip"):
         hosfl.ModelTask(Regressor(), cut="mix", train=data, test=data)

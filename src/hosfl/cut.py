@@ -71,7 +71,8 @@ def _said(node: fx.Node) -> str:
             inputs.add(repr(n.target))
         todo += [a for a in n.all_input_nodes]
     source = f" from the input {', '.join(sorted(inputs))}" if inputs else ""
-    return f"a value computed{source} ({node.name}, as a mask or positions are)"
+    return (f"the value {node.name!r} computed{source} (a skip connection around the cut, or "
+            "a mask or positions derived from an input)")  # fmt: skip
 
 
 def _split_graph(model: nn.Module, cut: str) -> tuple[fx.GraphModule, fx.GraphModule]:
