@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ def text_data(
     if label is None:
         return ids, ids.clone()
     values = [y for _, y in rows]
-    if all(isinstance(y, int) or (isinstance(y, str) and y.lstrip("-").isdigit()) for y in values):
+    if all(isinstance(y, numbers.Integral) or (isinstance(y, str) and y.lstrip("-").isdigit())
+           for y in values):  # fmt: skip
         labels = torch.tensor([int(y) for y in values], dtype=torch.int64)
     else:
         names = sorted({str(y) for y in values})
