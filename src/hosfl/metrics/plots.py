@@ -106,7 +106,7 @@ def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
         ("accuracy_vs_step.png", "step", "step (aggregation)", False),
         ("accuracy_vs_bytes.png", "bytes", "cumulative bytes sent, up + down", True),
     ):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
         for label, runs in groups:
             curves = [{e["step"]: e for e in r["evals"] if key in e} for r in runs]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -121,10 +121,9 @@ def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test {metric}" + (" (band: lowest to highest seed)" if banded else ""))
-        ax.set_title(heading, fontsize=9)
+        fig.suptitle(heading, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes
-        fig.tight_layout()
+        fig.legend(fontsize=8, loc="outside right upper")  # beside the axes: it covers nothing
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
@@ -133,7 +132,7 @@ def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
         return sum(r["summary"][key] for r in runs) / len(runs) / 2**20
 
     labels = [label for label, _ in groups]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     ax.bar(labels, [mean(r, "client_peak_bytes") for _, r in groups], color="tab:blue",
            label="client peak (one step)")  # fmt: skip
     ax.scatter(
@@ -146,10 +145,9 @@ def _plot(groups: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
         label="inference-only peak of the same client model",
     )
     ax.set_ylabel("MiB")
-    ax.set_title(heading, fontsize=9)
+    fig.suptitle(heading, fontsize=9)
     ax.tick_params(axis="x", rotation=30)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc="outside lower center", ncol=2)
     fig.savefig(out / "client_memory.png", dpi=110)
     plt.close(fig)
     written.append(out / "client_memory.png")
