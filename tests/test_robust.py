@@ -59,7 +59,8 @@ def _late(result) -> float:
 @pytest.mark.parametrize(
     ("method", "attack"),
     [("hosfl", "scale-scalars"), ("hosfl", "scale-z"), ("sfl-v1", "scale-z"),
-     ("sfl-v1", "scale-weights"), ("frozen", "scale-z")],
+     ("sfl-v1", "scale-weights"), ("sfl-v2", "scale-z"), ("sfl-v2", "scale-weights"),
+     ("frozen", "scale-z")],
 )  # fmt: skip
 def test_one_client_of_six_times_50_costs_at_most_3_points_under_the_defaults(
     method, attack, small_cfg, tmp_path
