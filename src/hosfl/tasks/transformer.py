@@ -119,11 +119,16 @@ def _renamed(whole: nn.Sequential, prefix: str) -> nn.Sequential:
         (name.replace("layer_", f"{prefix}_", 1), m) for name, m in whole.named_children()))
 
 
-def _bert(model: nn.Module) -> nn.Sequential:
-    if not hasattr(model, "classifier"):
-        raise ValueError(f"{type(model).__name__}: BERT cuts a sequence classifier")
-    stages = bert_stages(model)
-    return _sequential(stages[0], list(stages)[1:-1], ("head", stages[-1]))
+def _language(build: Callable[[nn.Module], nn.Sequential], head: str, family: str):
+    """The adapter of a family whose stages ``tasks.language`` already builds (BERT, OPT)."""
+
+    def adapter(model: nn.Module) -> nn.Sequential:
+        if not hasattr(model, head):
+            raise ValueError(f"{type(model).__name__}: {family} cuts a sequence classifier")
+        stages = build(model)
+        return _sequential(stages[0], list(stages)[1:-1], ("head", stages[-1]))
+
+    return adapter
 
 
 def _roberta(model: nn.Module) -> nn.Sequential:
@@ -158,13 +163,6 @@ def _gpt2(model: nn.Module) -> nn.Sequential:
                        _decoder_head(model, base.ln_f))  # fmt: skip
 
 
-def _opt(model: nn.Module) -> nn.Sequential:
-    if not hasattr(model, "score"):
-        raise ValueError(f"{type(model).__name__}: OPT cuts a sequence classifier")
-    stages = opt_stages(model)
-    return _sequential(stages[0], list(stages)[1:-1], ("head", stages[-1]))
-
-
 def _llama(model: nn.Module) -> nn.Sequential:
     base = model.model
     layers = [RotaryLayer(m, base.rotary_emb) for m in base.layers]
@@ -173,11 +171,11 @@ def _llama(model: nn.Module) -> nn.Sequential:
 
 
 FAMILIES: dict[str, Callable[[nn.Module], nn.Sequential]] = {
-    "bert": _bert,
+    "bert": _language(bert_stages, "classifier", "BERT"),
     "roberta": _roberta,
     "distilbert": _distilbert,
     "gpt2": _gpt2,
-    "opt": _opt,
+    "opt": _language(opt_stages, "score", "OPT"),
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _llama,
