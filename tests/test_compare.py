@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from hosfl.compare import _for, _gain, compare
+from hosfl.compare import _for, _gain, _row, compare
 from hosfl.config import ConfigError
 from hosfl.metrics.plots import legend, load_run, title
 
@@ -108,6 +108,22 @@ def test_plot_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
         [sys.executable, "-m", "hosfl.cli", "plot", str(tmp_path)], capture_output=True, text=True
     )
     assert done.returncode == 2 and "not a finished run folder" in done.stderr
+
+
+def test_a_run_folder_from_before_metric_names_reads_as_accuracy(small_cfg):
+    import json
+
+    from hosfl.runner import run
+
+    result = run(small_cfg(steps=4, eval_every=2), log=lambda *a: None)
+    summary = json.loads((result.out / "summary.json").read_text())
+    for key in ("metric", "higher_is_better"):  # as a run folder of an earlier release
+        del summary[key]
+    (result.out / "summary.json").write_text(json.dumps(summary))
+    old = load_run(result.out)
+    assert (old["metric"], old["metric_key"], old["higher_is_better"]) == ("accuracy", "test_acc",
+                                                                           True)  # fmt: skip
+    assert _row(old, 0.05)["final"] == summary["test_acc"]
 
 
 def test_gain_recovered_is_the_share_of_the_first_order_gain_over_a_frozen_client():
