@@ -18,6 +18,7 @@ from hosfl.config import METHOD_SETTINGS, Config, ConfigError
 from hosfl.metrics.plots import load_run, plot_groups, plot_runs
 from hosfl.runfolder import prepare as prepare_out
 from hosfl.runner import run
+from hosfl.tasks.base import metric_label
 
 # Payloads that keep the clients' models in sync (model weights, or seeds and scalars);
 # the others (smashed data, labels, λ) are the split-learning activations traffic.
@@ -84,7 +85,7 @@ def markdown(rows: list[dict], target: float | None) -> str:
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
 
-    metric = _short(rows[0].get("metric", "accuracy")) if rows else "acc"
+    metric = metric_label(rows[0].get("metric", "accuracy")) if rows else "acc"
     head = (
         f"| method | final {metric} | best {metric} | steps to "
         + f(target, ".2f")
@@ -120,10 +121,6 @@ def _for(method: str, overrides: list[str]) -> list[str]:
     return chosen
 
 
-def _short(metric: str) -> str:
-    return "acc" if metric == "accuracy" else metric
-
-
 def mean_sd(values: list[float]) -> str:
     """``mean ± sd`` over seeds (the project's one form of it), or the value marked as one
     seed, or a dash where there is none."""
@@ -142,7 +139,7 @@ def seeds_markdown(rows: list[dict]) -> str:
     final = {m: statistics.mean(r["final"] for r in rs) for m, rs in by.items()}
     ok = ("frozen" in final and "sfl-v1" in final
           and abs(final["sfl-v1"] - final["frozen"]) >= MIN_GAIN)  # fmt: skip
-    metric = _short(rows[0].get("metric", "accuracy")) if rows else "acc"
+    metric = metric_label(rows[0].get("metric", "accuracy")) if rows else "acc"
     lines = [
         f"| method | seeds | final {metric} | mean of last 3 evaluations | gain recovered "
         "| largest fall after ¼ (points) | client ms/step |",

@@ -24,7 +24,7 @@ from hosfl.metrics.memory import meter, tensor_bytes
 from hosfl.protocol import Message, ProtocolError
 from hosfl.recording import Recorder
 from hosfl.runfolder import read_metrics
-from hosfl.tasks.base import metric_key
+from hosfl.tasks.base import metric_key, metric_label
 
 if TYPE_CHECKING:
     from hosfl.runner import Federation
@@ -115,13 +115,14 @@ def train(
         if journal is not None:
             journal.close()
         raise
-    rec = Recorder(cfg, out, ledger, start, resumed, wall_before, log, info.metric_key)
+    rec = Recorder(cfg, out, ledger, start, resumed, wall_before, log, info.metric_key,
+                   told=bool(callbacks))  # fmt: skip
     # a resume redoes the journaled steps, each checked against its row: no checkpoint is
     # written before they all are, so a resume that fails on one leaves checkpoint.pt as it was
     redone = journal.end if journal is not None and resumed else 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
                file=sys.stderr, unit="step", dynamic_ncols=True)  # fmt: skip
-    metric = "acc" if info.metric == "accuracy" else info.metric  # the progress bar's label
+    metric = metric_label(info.metric)  # the progress bar's
 
     def evaluation(step: int) -> float:
         value, test_loss = evaluate(fed.client_model, method.evaluated_server, task, test)

@@ -37,10 +37,10 @@ class Recorder:
 
     def __init__(
         self, cfg: Config, out: Path, ledger: ByteLedger, start: int, resumed: bool,
-        wall_before: float, log, metric_key: str = "test_acc",
+        wall_before: float, log, metric_key: str = "test_acc", told: bool = False,
     ) -> None:  # fmt: skip
         self.cfg, self.out, self.ledger, self.log = cfg, out, ledger, log
-        self.metric_key = metric_key
+        self.metric_key, self.told = metric_key, told  # told: callbacks read each row
         self.metrics = runfolder.open_metrics(out / "metrics.jsonl", start if resumed else None)
         self.wall_before, self.started = wall_before, time.perf_counter()
         self.rejected = 0
@@ -61,9 +61,10 @@ class Recorder:
             self.log(f"hosfl: {at}: {what} {row['client']}: {row['reason']}")
 
     def reported(self, row: dict[str, Any]) -> dict[str, Any]:
-        """``row`` written and in the file (callbacks are told of it only then)."""
+        """``row`` written, and in the file where callbacks are told of it (only then)."""
         self.row(row)
-        self.metrics.flush()
+        if self.told:
+            self.metrics.flush()
         return row
 
     def train(self, step: int, loss: float | None) -> dict[str, Any]:

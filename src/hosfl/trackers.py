@@ -45,6 +45,13 @@ def _scalars(run: RunInfo, row: dict[str, Any]) -> dict[str, float]:
     return {name: float(row[k]) for k, name in keys.items() if row.get(k) is not None}
 
 
+def _summary(run: RunInfo, summary: dict[str, Any]) -> dict[str, float]:
+    """The summary's figures a tracker keeps: the final metric, wall time, client memory and
+    compute."""
+    keys = (run.metric_key, "wall_s", "client_peak_bytes", "client_ms_per_step")
+    return {k: summary[k] for k in keys if isinstance(summary.get(k), int | float)}
+
+
 class TensorBoard(Callback):
     def __init__(self) -> None:  # a missing package is an error before the run folder exists
         self.board = need("torch.utils.tensorboard", "pip install 'hosfl[tensorboard]'")
@@ -62,9 +69,8 @@ class TensorBoard(Callback):
     on_train = on_eval = _row
 
     def on_end(self, run: RunInfo, summary: dict[str, Any]) -> None:
-        for key in (run.metric_key, "wall_s", "client_peak_bytes", "client_ms_per_step"):
-            if isinstance(summary.get(key), int | float):
-                self.writer.add_scalar(f"summary/{key}", summary[key], summary["steps"])
+        for key, value in _summary(run, summary).items():
+            self.writer.add_scalar(f"summary/{key}", value, summary["steps"])
         self.writer.close()
 
 
@@ -103,9 +109,8 @@ class MLflow(Callback):
     on_train = on_eval = _row
 
     def on_end(self, run: RunInfo, summary: dict[str, Any]) -> None:
-        for key in (run.metric_key, "wall_s", "client_peak_bytes", "client_ms_per_step"):
-            if isinstance(summary.get(key), int | float):
-                self.client.log_metric(self.id, f"summary/{key}", summary[key])
+        for key, value in _summary(run, summary).items():
+            self.client.log_metric(self.id, f"summary/{key}", value)
         self.client.set_terminated(self.id, "FAILED" if summary.get("diverged_at") else "FINISHED")
 
 

@@ -28,6 +28,11 @@ def metric_key(name: str) -> str:
     return "test_acc" if name == "accuracy" else f"test_{name}"
 
 
+def metric_label(name: str) -> str:
+    """A metric's short name in tables and the progress bar: ``acc`` for accuracy."""
+    return "acc" if name == "accuracy" else name
+
+
 class Task(ABC):
     """A dataset, a model with named cut points, and the objective: ``loss(output, target)``
     (a scalar tensor, the batch mean) and ``metric(output, target)`` (a float over the

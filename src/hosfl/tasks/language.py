@@ -29,6 +29,11 @@ def _with_mask(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, mask.to(h.dtype)], -1)
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Right padding: each token's position is the number of tokens before it (0 on padding)."""
+    return (mask.cumsum(1) * mask - 1).clamp(min=0)
+
+
 def _bias(mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """Additive attention bias (N, 1, L, L) from a (N, L, 1) mask: padding keys get the most
     negative number; with ``causal`` also every later position."""
@@ -96,7 +101,7 @@ class OptEmbed(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = (ids != self.pad_id).long()
-        position_ids = (mask.cumsum(1) * mask - 1).clamp(min=0)
+        position_ids = positions(mask)
         h = self.embed_tokens(ids)
         if self.project_in is not None:
             h = self.project_in(h)

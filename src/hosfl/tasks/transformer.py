@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hosfl.tasks.language import Layer, _bias, _with_mask, bert_stages, opt_stages
+from hosfl.tasks.language import Layer, _bias, _with_mask, bert_stages, opt_stages, positions
 
 
 class TokenEmbed(nn.Module):
@@ -39,7 +39,7 @@ class TokenEmbed(nn.Module):
         mask = (ids != self.pad_id).long()
         h = self.tokens(ids)
         if self.positions is not None:
-            h = h + self.positions(_positions(mask))
+            h = h + self.positions(positions(mask))
         if self.drop is not None:
             h = self.drop(h)
         return _with_mask(h, mask.unsqueeze(-1))
@@ -56,11 +56,6 @@ class Embeddings(nn.Module):
         return _with_mask(self.embeddings(input_ids=ids), (ids != self.pad_id).unsqueeze(-1))
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Right padding: each token's position is the number of tokens before it (0 on padding)."""
-    return (mask.cumsum(1) * mask - 1).clamp(min=0)
-
-
 class RotaryLayer(nn.Module):
     """A LLaMA-layout decoder layer on ``[h | m]``, its rotary angles from the mask."""
 
@@ -70,7 +65,7 @@ class RotaryLayer(nn.Module):
 
     def forward(self, hm: torch.Tensor) -> torch.Tensor:
         h, mask = hm[..., :-1], hm[..., -1:]
-        position_ids = _positions(mask.detach().squeeze(-1).long())
+        position_ids = positions(mask.detach().squeeze(-1).long())
         out = self.layer(h, attention_mask=_bias(mask, causal=True), position_ids=position_ids,
                          position_embeddings=self.rotary(h, position_ids))  # fmt: skip
         return _with_mask(out[0] if isinstance(out, tuple) else out, mask)
