@@ -278,6 +278,28 @@ def test_only_the_issued_credentials_are_admitted_and_refusals_are_logged(gatewa
     assert engine.gateway.session(0).open  # the live session was not disturbed
 
 
+def test_a_restarted_client_waits_until_its_earlier_session_has_ended(gateway):
+    """A client killed and restarted before the server saw its stream end is refused while the
+    old session lives, retries, and is admitted once it ends (not a fatal refusal)."""
+    from hosfl.edge.client import EdgeClient
+
+    engine, fakes, tokens, cfg, _ = gateway
+    lines: list[str] = []
+    client = EdgeClient(cfg.listen, 0, tokens[0], None, {}, log=lines.append)
+    threading.Thread(target=client.run, args=(60,), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not any("still holds an earlier session" in line for line in lines):
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    first = engine.gateway.sessions[0]
+    assert first.open  # refused, and the live session was not disturbed
+    fakes[0].close()
+    while engine.gateway.sessions[0] is first or engine.gateway.sessions[0].ready_at is None:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    assert engine.gateway.session(0).open and not first.open
+
+
 def test_frames_that_answer_nothing_or_impersonate_are_refused_and_nothing_unpickled(gateway):
     engine, fakes, tokens, cfg, tmp_path = gateway
     marker = tmp_path / "unpickled"

@@ -27,7 +27,6 @@ from hosfl.protocol import ProtocolError, StepPlan, decode
 
 # what a client may set for itself: where and how it computes, never what it computes
 LOCAL_KEYS = ("device", "client_device", "client_threads")
-REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS)
 
 
 class Stop(Exception):
@@ -135,8 +134,13 @@ class EdgeClient:
         except (ConfigError, MissingPackage) as e:
             raise Stop(f"client {self.cid} cannot build the server's run: {e}") from None
         except grpc.RpcError as e:
-            if e.code() in REFUSED:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise Stop(f"the server refused client {self.cid}: {e.details()}") from None
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                # the server has not yet seen this id's earlier session end (a client that was
+                # killed and restarted, a link that dropped without a goodbye): wait it out
+                self.log(f"client {self.cid}: the server still holds an earlier session; retrying")
+                return False
             if self.config is not None or not self.waiting:
                 self.log(f"client {self.cid}: no connection ({e.code().name}: {e.details()})")
             self.waiting = self.config is None  # said once before the first session
