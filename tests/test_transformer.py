@@ -178,6 +178,22 @@ def test_a_trained_transformer_exports_to_a_folder_that_from_pretrained_loads(tm
     assert accuracy == pytest.approx(result.metric, abs=1e-6)  # what the run evaluated
     with pytest.raises(hosfl.checkpoint.CheckpointError, match="not empty"):
         hosfl.export(result.out, out)
+
+    # the adapters kept, not merged: the same outputs, and a folder peft loads
+    import peft
+
+    unmerged = hosfl.load(result.out, merge=False)
+    assert isinstance(unmerged, peft.PeftModel)
+    with torch.no_grad():
+        kept = unmerged(input_ids=test[0], attention_mask=(test[0] != 0).long()).logits
+    torch.testing.assert_close(kept, split, rtol=1e-4, atol=1e-5)
+    out = hosfl.export(result.out, tmp_path / "kept", merge=False)
+    base = tf.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert torch.equal(base.state_dict()[query], model.state_dict()[query])  # not merged
+    again = peft.PeftModel.from_pretrained(base, out / "lora").eval()
+    with torch.no_grad():
+        logits = again(input_ids=test[0], attention_mask=(test[0] != 0).long()).logits
+    torch.testing.assert_close(logits, split, rtol=1e-4, atol=1e-5)
     # the CLI: a run whose task lives only in this process cannot be rebuilt there
     command = [sys.executable, "-m", "hosfl.cli", "export", str(result.out), "--out",
                str(tmp_path / "cli")]  # fmt: skip

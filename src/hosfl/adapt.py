@@ -38,14 +38,51 @@ def lora(model: nn.Module, rank: int, alpha: float, targets: str, seed: int) -> 
     return model
 
 
-def merged(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every LoRA adapter merged into the weight it adapts and the
-    wrapper removed: the module tree, and the state dict's keys, of the model before ``lora``."""
+def _adapted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The LoRA-wrapped modules of ``model`` with their names."""
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "merge") and hasattr(m, "get_base_layer")]  # fmt: skip
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def merged(model: nn.Module, merge: bool = True) -> nn.Module:
+    """A copy of ``model`` with every LoRA adapter merged into the weight it adapts (with
+    ``merge=False``: dropped, the base weights as they were) and the wrapper removed: the
+    module tree, and the state dict's keys, of the model before ``lora``."""
     model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
+    for name, module in _adapted(model):
+        if merge:
             module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    module.get_base_layer())  # fmt: skip
+        _replace(model, name, module.get_base_layer())
     return model
+
+
+def carry(trained: nn.Module, into: nn.Module) -> None:
+    """Put a copy of each LoRA-wrapped module of ``trained`` at the same name in ``into`` (a
+    module of the same tree before ``lora``), so that ``trained``'s state dict loads there."""
+    for name, module in _adapted(trained):
+        if not name:
+            raise ValueError("a LoRA adapter on the part itself cannot be carried")
+        _replace(into, name, copy.deepcopy(module))
+
+
+def kept(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """``model`` (a whole model holding LoRA-wrapped modules) as a ``peft.PeftModel``: its base
+    weights as they were, the trained adapters at the whole model's module names, so that
+    ``save_pretrained`` writes an adapter folder that ``PeftModel.from_pretrained`` loads."""
+    peft = need("peft", "pip install 'hosfl[pretrained]'")
+    adapters = {n: copy.deepcopy(m) for n, m in _adapted(model)}
+    base = merged(model, merge=False)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                             target_modules=sorted(adapters))  # fmt: skip
+    out = peft.get_peft_model(base, config)
+    inner = out.get_base_model()
+    for name, trained in adapters.items():
+        own = inner.get_submodule(name)
+        for part in ("lora_A", "lora_B"):
+            getattr(own, part).load_state_dict(getattr(trained, part).state_dict())
+    return out

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run_folder")
     ex.add_argument("--out", required=True, help="a new folder: save_pretrained files for a "
                     "transformers model, else model.pt (the state dict)")  # fmt: skip
+    ex.add_argument("--keep-lora", action="store_true", help="a LoRA run: the base model in "
+                    "--out and its adapters in --out/lora (peft), not merged")  # fmt: skip
     for p in (rs, ev):
         p.add_argument("--legacy", action="store_true", help=LEGACY)
     rp = sub.add_parser(
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from hosfl.export import export
 
-            print(f"written: {export(args.run_folder, args.out)}")
+            print(f"written: {export(args.run_folder, args.out, merge=not args.keep_lora)}")
         elif args.command == "compare":
             from hosfl.compare import compare
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hosfl import adapt
 from hosfl import cut as cutting
 from hosfl.data import source
 from hosfl.data.partition import split
@@ -63,8 +64,8 @@ class Task(ABC):
         return accuracy(output, target)
 
     def assemble(self, cut: str, seed: int, client: nn.Module, server: nn.Module) -> nn.Module:
-        """The whole model with the weights of trained ``client`` and ``server`` parts (LoRA
-        merged), keyed as ``build(seed)``'s: the stages joined again."""
+        """The whole model with the weights of trained ``client`` and ``server`` parts, keyed
+        as ``build(seed)``'s: the stages joined again."""
         return nn.Sequential(OrderedDict([*client.named_children(), *server.named_children()]))
 
     def sources(self, limit: int = 0) -> np.ndarray | None:
@@ -184,13 +185,15 @@ class ModelTask(Task):
         return client, server
 
     def assemble(self, cut: str, seed: int, client: nn.Module, server: nn.Module) -> nn.Module:
-        """The user's own model (a copy) with the trained weights, keyed as the original; with
+        """The user's own model (a copy) with the trained weights, keyed as the original (and
+        the parts' LoRA adapters where they are not merged); with
         ``client=``/``server=`` parts, the two as ``Sequential(client, server)``."""
         if self._model is None:
             return nn.Sequential(OrderedDict([("client", client), ("server", server)]))
         model, mine, theirs = copy.deepcopy((self._model, *self._parts))  # sharing kept
-        mine.load_state_dict(client.state_dict())
-        theirs.load_state_dict(server.state_dict())
+        for part, trained in ((mine, client), (theirs, server)):
+            adapt.carry(trained, part)  # LoRA kept: the adapters go where they were trained
+            part.load_state_dict(trained.state_dict())
         return model
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
