@@ -74,7 +74,7 @@ def main() -> None:
             print(f"done: {folder}", flush=True)
     print(f"command: OMP_NUM_THREADS=1 python benchmarks/transformer_path.py --cuts {args.cuts} "
           f"--seeds {args.seeds}\n")  # fmt: skip
-    print("| cut | built-in `sentiment-minilm` | the user's model through `ModelTask` | difference |")
+    print("| cut | built-in `sentiment-minilm` | your model through `ModelTask` | difference |")
     print("|---|---|---|---|")
     for cut in cuts:
         built, user = (finals(out / f"encoder.{cut}-{w}") for w in ("built-in", "user"))
