@@ -278,3 +278,11 @@ def test_the_real_minilm_cut_by_its_layer_names_is_the_built_in_task_at_every_cu
         with torch.no_grad():
             want = builtin[1].eval()(builtin[0].eval()(ids))
             torch.testing.assert_close(server(client(ids)), want, rtol=1e-5, atol=1e-6)
+    # a pretrained client gets the pretrained tasks' rate rule; one built from a config does not
+    import hosfl
+
+    data = (ids, torch.zeros(len(ids), dtype=torch.long))
+    assert hosfl.ModelTask(model, cut=1, train=data, test=data).defaults["zo_lr_rule"] == (
+        task.defaults["zo_lr_rule"]) == "dimension"  # fmt: skip
+    fresh = tf.BertForSequenceClassification(config)
+    assert "zo_lr_rule" not in hosfl.ModelTask(fresh, cut=1, train=data, test=data).defaults

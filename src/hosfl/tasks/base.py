@@ -107,7 +107,8 @@ class ModelTask(Task):
       holds, as in ``model.named_modules()``; any model torch.fx can trace, Sequential or not),
       or ``client=`` and ``server=`` modules. A Hugging Face ``transformers`` model of a family
       that ``tasks.transformer`` knows is cut by layer instead (``cut=2``, ``"layer.1"``, or a
-      layer's module name): the attention mask and positions cross with the hidden states.
+      layer's module name): the attention mask and positions cross with the hidden states,
+      and a pretrained one (``from_pretrained``) has ``zo_lr_rule=dimension`` by default.
       The weights are used as given: every run starts from a copy of them.
     - the data: (inputs, targets) tensors or any map-style ``Dataset`` for ``train`` and
       ``test``, partitioned among the clients by the config's partitioner; or ``train`` as a
@@ -138,7 +139,8 @@ class ModelTask(Task):
     ) -> None:
         if (model is None) == (client is None or server is None):
             raise ValueError("give either model= and cut=, or client= and server=")
-        if model is not None and hasattr(getattr(model, "config", None), "model_type"):
+        transformer = model is not None and hasattr(getattr(model, "config", None), "model_type")
+        if transformer:
             from hosfl.tasks.transformer import cut_at  # cut by layer: the mask travels
 
             client, server = cut_at(model, cut)
@@ -168,6 +170,9 @@ class ModelTask(Task):
         self.classes = classes
         self.defaults = {
             "cut": self.cut,
+            # pretrained weights (from_pretrained): the rate rule of the built-in pretrained
+            # tasks; a fixed rate wrecks them, the output rule collapsed at MiniLM's layer 0
+            **({"zo_lr_rule": "dimension"} if transformer and model.name_or_path else {}),
             **({"clients": len(self._shards)} if self.per_client else {}),
             **(defaults or {}),
         }
