@@ -25,6 +25,18 @@ from hosfl.data import fashion_mnist
 from hosfl.tasks.base import Task
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """Max-pooling that reads a CPU tensor in channels-last memory and returns it contiguous:
+    the same values and gradients (a maximum is exact in any layout), in a quarter to a sixth of
+    the time that pooling a contiguous NCHW map takes on a CPU (about a third of this CNN's
+    forward, for every method; `benchmarks/speed.py`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def _conv(c_in: int, c_out: int) -> list[nn.Module]:
     # In-place ReLU: an edge client keeps one activation map per layer, not two.
     return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
@@ -42,7 +54,7 @@ class FashionMnistCNN(Task):
     def build(self, seed: int) -> nn.Sequential:
         def stage(channels: tuple[int, ...]) -> nn.Sequential:
             layers = [m for a, b in pairwise(channels) for m in _conv(a, b)]
-            return nn.Sequential(*layers, nn.MaxPool2d(2))
+            return nn.Sequential(*layers, MaxPool2d(2))
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

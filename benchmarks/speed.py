@@ -1,0 +1,125 @@
+"""Simulation speed: HO-SFL against its forward floor and against SplitFed V1, side by side in
+one process on the same task, steps and seed (one torch thread, no evaluation).
+
+For each task: the wall time per step of HO-SFL simulated client by client
+(``simulate=per-client``) and as one batch (``simulate=batched``), and of SplitFed V1, from the
+train rows of metrics.jsonl after the first two steps (the first builds caches, the second is
+the memory-metered step); and in the same process the forward floor of a HO-SFL step: K·(P+1)
+forwards of the client part on B examples each without autograd, and the server's step (a
+forward and backward on each of the K clients' smashed data, one optimizer step). Each figure
+is the best of ``--repeats`` runs, taken in turn, so a slow moment of the machine hits all.
+
+    OMP_NUM_THREADS=1 python benchmarks/speed.py [--tasks fmnist-cnn,fmnist-cnn-wide,sentiment-minilm]
+        [--repeats 2] [--device cpu|cuda]
+
+Prints a Markdown table of the ratios and the command; writes JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import hosfl
+from hosfl import tasks
+from hosfl.data import source
+
+STEPS = {"fmnist-cnn": 100, "fmnist-cnn-wide": 60, "sentiment-minilm": 30}
+MODES = {"hosfl per-client": dict(method="hosfl", simulate="per-client"),
+         "hosfl batched": dict(method="hosfl", simulate="batched"),
+         "sfl-v1": dict(method="sfl-v1", simulate="per-client")}  # fmt: skip
+
+
+def per_step(cfg: hosfl.Config) -> float:
+    """Seconds a step of ``cfg``'s run, between step 2 and its last step."""
+    result = hosfl.run(cfg, log=lambda *a: None)
+    rows = [json.loads(line) for line in (result.out / "metrics.jsonl").open()]
+    walls = {r["step"]: r["wall_s"] for r in rows if r.get("event") == "train"}
+    last = max(walls)
+    return (walls[last] - walls[2]) / (last - 2)
+
+
+def floor(cfg: hosfl.Config, steps: int) -> float:
+    """Seconds a step of the forward floor of HO-SFL under ``cfg``."""
+    task, client, server = tasks.prepare(cfg)
+    device = cfg.device_of("client")
+    client.to(device)
+    server.to(device)
+    x, y = source.take(task.load("train", cfg.batch_size), range(cfg.batch_size))
+    x, y = x.to(device), y.to(device)
+    opt = torch.optim.SGD([p for p in server.parameters() if p.requires_grad], lr=1e-3)
+
+    def step() -> None:
+        with torch.no_grad():
+            zs = [client(x) for _ in range(cfg.sampled) for _ in range(cfg.P + 1)]
+        opt.zero_grad(set_to_none=True)
+        for z in zs[:: cfg.P + 1]:
+            z = z.detach().requires_grad_(True)
+            task.loss(server(z), y).backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default=",".join(STEPS))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sampled", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.tasks.split(","):
+            steps = STEPS.get(name, 50)
+            base = dict(task=name, steps=steps, eval_every=0, test_subset=200, progress=False,
+                        device=args.device, clients=args.clients, sampled=args.sampled)  # fmt: skip
+            best: dict[str, float] = {}
+            for r in range(args.repeats):
+                for mode, settings in MODES.items():
+                    cfg = hosfl.Config(**base, **settings, out=f"{tmp}/{name}-{mode}-{r}")
+                    best[mode] = min(best.get(mode, float("inf")), per_step(cfg))
+                cfg = hosfl.Config(**base, method="hosfl", out="")
+                best["floor"] = min(best.get("floor", float("inf")), floor(cfg, steps // 2))
+            row = {"task": name, "steps": steps, **{f"{k} s/step": v for k, v in best.items()}}
+            for mode in ("hosfl per-client", "hosfl batched"):
+                row[f"{mode} ÷ floor"] = best[mode] / best["floor"]
+                row[f"{mode} ÷ sfl-v1"] = best[mode] / best["sfl-v1"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\ncommand: OMP_NUM_THREADS=1 python benchmarks/speed.py --tasks {args.tasks} "
+          f"--repeats {args.repeats} --device {args.device} --clients {args.clients} "
+          f"--sampled {args.sampled}\n")  # fmt: skip
+    print("| task | HO-SFL per-client ÷ its floor | batched ÷ floor | per-client ÷ SplitFed V1 "
+          "| batched ÷ SplitFed V1 | SplitFed V1 ms/step |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['hosfl per-client ÷ floor']:.2f} | "
+              f"{r['hosfl batched ÷ floor']:.2f} | {r['hosfl per-client ÷ sfl-v1']:.2f} | "
+              f"{r['hosfl batched ÷ sfl-v1']:.2f} | {1e3 * r['sfl-v1 s/step']:.1f} |")  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
