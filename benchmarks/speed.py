@@ -9,8 +9,8 @@ forwards of the client part on B examples each without autograd, and the server'
 forward and backward on each of the K clients' smashed data, one optimizer step). Each figure
 is the best of ``--repeats`` runs, taken in turn, so a slow moment of the machine hits all.
 
-    OMP_NUM_THREADS=1 python benchmarks/speed.py [--tasks fmnist-cnn,fmnist-cnn-wide,sentiment-minilm]
-        [--repeats 2] [--device cpu|cuda]
+    OMP_NUM_THREADS=1 python benchmarks/speed.py
+        [--tasks fmnist-cnn,fmnist-cnn-wide,sentiment-minilm] [--repeats 2] [--device cpu|cuda]
 
 Prints a Markdown table of the ratios and the command; writes JSON with ``--out``.
 """
