@@ -7,7 +7,9 @@ of a perturbed weight, seeded like its direction)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -171,12 +173,60 @@ class Directions:
         return rademacher(window, index + (2 << 32), torch.Size((n, self.rank)), device)
 
 
+class Memo:
+    """The directions of one step, made once for the in-process clients that share a replica
+    (each of the K sampled clients probes along the same P directions, and the update steps
+    along them again). Only the in-process engine opens one (``remembering``), and not on the
+    memory-metered step: a device's client regenerates each direction where it needs it, and
+    holds no more than one. A direction is a function of its key, so what is kept is what would
+    be made again: the same bits."""
+
+    def __init__(self, limit_bytes: int = 1 << 29) -> None:
+        self.limit, self.step = limit_bytes, -1
+        self.kept: dict[tuple, torch.Tensor] = {}
+        self.bytes = 0
+
+    def get(self, key: tuple, step: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if step != self.step:  # another step: its directions are others
+            self.kept.clear()
+            self.step, self.bytes = step, 0
+        u = self.kept.get(key)
+        if u is None:
+            u = make()
+            if self.bytes + u.nbytes <= self.limit:
+                self.kept[key] = u
+                self.bytes += u.nbytes
+        return u.clone()  # callers scale their copy in place
+
+
+_open = threading.local()
+
+
+@contextmanager
+def remembering(memo: Memo) -> Iterator[None]:
+    """Within the block (on this thread), ``direction`` reads and fills ``memo``."""
+    before = getattr(_open, "memo", None)
+    _open.memo = memo
+    try:
+        yield
+    finally:
+        _open.memo = before
+
+
 def direction(
     seed: int, index: int, like: torch.Tensor, kind: str | Directions = "gaussian"
 ) -> torch.Tensor:
     """u shaped like parameter number ``index``, regenerated from ``seed`` (``Directions``:
-    how; a name is that kind at step 0)."""
+    how; a name is that kind at step 0); from the open ``Memo``, if any."""
     how = Directions(kind) if isinstance(kind, str) else kind
+    memo = getattr(_open, "memo", None)
+    if memo is None:
+        return _made(seed, index, like, how)
+    key = (how, seed, index, like.shape, like.dtype, like.device)
+    return memo.get(key, how.step, lambda: _made(seed, index, like, how))
+
+
+def _made(seed: int, index: int, like: torch.Tensor, how: Directions) -> torch.Tensor:
     if how.kind == "lowrank" and like.dim() >= 2:
         m = like.shape[0]
         n = like.numel() // m

@@ -4,7 +4,9 @@ One row per step: the step's P seeds (int32) and averaged scalars v̄ (float32),
 little-endian bytes so that reading them back gives the same bits, and a BLAKE2b check of
 (step, seeds, v̄) so that a damaged row is found, not replayed. A row is committed (SQLite,
 synchronous=FULL) before the step's update leaves the server, so an update any client has seen
-is on disk. The journal is everything a client needs to catch up or a server needs to rebuild
+is on disk. In-process (``durable=False``) the clients die with the server, so no update
+outlives a crash: rows are committed with each checkpoint (``sync``, before it is written) and
+at the end, and a crash loses only steps that a resume redoes from the checkpoint anyway. The journal is everything a client needs to catch up or a server needs to rebuild
 θ_c: ``zo.replay_`` over its rows from the initial (or a snapshot's) client weights.
 
 Opened with ``create=False`` the file must exist and already be a journal: nothing is written
@@ -32,8 +34,10 @@ def _check(step: int, seeds: bytes, vbar: bytes) -> bytes:
 
 
 class Journal:
-    def __init__(self, path: str | Path, create: bool = True, legacy: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, path: str | Path, create: bool = True, legacy: bool = False, durable: bool = True
+    ) -> None:
+        self.path, self.durable = Path(path), durable
         if not create and not self.path.is_file():
             raise CheckpointError(f"{self.path} does not exist")
         try:
@@ -73,6 +77,8 @@ class Journal:
         if step != self._end:
             raise CheckpointError(f"journal {self.path} is at step {self._end}, not {step}")
         s, v = _blob(seeds, "<i4"), _blob(vbar, "<f4")
+        if not self.durable and not self.db.in_transaction:
+            self.db.execute("BEGIN")  # committed by sync
         if self._checked:
             self.db.execute(
                 "INSERT INTO steps VALUES (?, ?, ?, ?)", (step, s, v, _check(step, s, v))
@@ -129,7 +135,13 @@ class Journal:
     def entry(self, step: int) -> Entry:
         return next(self.entries(step, step + 1))
 
+    def sync(self) -> None:
+        """Commit the rows appended since the last commit (``durable=False``)."""
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+
     def close(self) -> None:
+        self.sync()
         self.db.close()
 
 

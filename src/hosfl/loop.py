@@ -105,7 +105,8 @@ def train(
     )
     holds = tensor_bytes(method.client_holds)
     infer_peak = holds + inference_peak(method.client_holds, fed.clients[0].shard, cfg.batch_size)
-    journal = Journal(out / "journal.sqlite") if method.record is not None else None
+    journal = (Journal(out / "journal.sqlite", durable=cfg.engine != "local")
+               if method.record is not None else None)  # fmt: skip
     # Client memory is measured at step 1 (step 0 if there is only one): a step like any other.
     run = engines.RunContext(cfg, fed, ledger, min(1, cfg.steps - 1), journal, out, log)
     acc, diverged, cause, stopped = float("nan"), None, "", None
@@ -153,6 +154,8 @@ def train(
                     acc = evaluation(t + 1)
                 due = evaluate_now or (cfg.snapshot_every and (t + 1) % cfg.snapshot_every == 0)
                 if (due or info.stopped) and t + 1 >= redone:
+                    if journal is not None:
+                        journal.sync()  # a checkpoint's steps are on disk before it is
                     rec.snapshot({"config": cfg.to_dict(), "step": t + 1, **method.state_dict()})
                     hooks.checkpoint(t + 1)
                 if last or t % 10 == 0 or evaluate_now:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from hosfl import directions
 from hosfl.engines.base import Releasing
 from hosfl.methods.base import ClientRole
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
@@ -40,6 +41,7 @@ class LocalEngine(Releasing):
         self.measure_step = measure_step
         self.meters: dict[int, object] = {}  # client id (-1: broadcast) -> peak meter
         self.before_broadcast: Callable[[Message], None] = lambda msg: None  # e.g. journal it
+        self.memo = directions.Memo()  # a step's directions, made once for all the clients
         self.events: list[dict] = []  # in-process every client shares the record: no drift
 
     @classmethod
@@ -75,7 +77,8 @@ class LocalEngine(Releasing):
             except ProtocolError:
                 return reply  # malformed: the server's admission rejects it with its reason
         start = time.perf_counter()
-        reply = self.clients[cid].handle(msg)
+        with directions.remembering(self.memo):
+            reply = self.clients[cid].handle(msg)
         self._timed(msg.step, start)
         return reply
 
@@ -99,7 +102,8 @@ class LocalEngine(Releasing):
             return [self._deliver(cids[0], msgs[0], cids[0])]
         roles = [self.clients[cid] for cid in cids]
         start = time.perf_counter()
-        replies = type(roles[0]).handle_group(roles, msgs)
+        with directions.remembering(self.memo):
+            replies = type(roles[0]).handle_group(roles, msgs)
         self._timed(msgs[0].step, start)
         return replies
 
