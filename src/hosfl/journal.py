@@ -6,8 +6,9 @@ little-endian bytes so that reading them back gives the same bits, and a BLAKE2b
 synchronous=FULL) before the step's update leaves the server, so an update any client has seen
 is on disk. In-process (``durable=False``) the clients die with the server, so no update
 outlives a crash: rows are committed with each checkpoint (``sync``, before it is written) and
-at the end, and a crash loses only steps that a resume redoes from the checkpoint anyway. The journal is everything a client needs to catch up or a server needs to rebuild
-θ_c: ``zo.replay_`` over its rows from the initial (or a snapshot's) client weights.
+at the end, and a crash loses only steps that a resume redoes from the checkpoint anyway.
+The journal is everything a client needs to catch up or a server needs to rebuild θ_c:
+``zo.replay_`` over its rows from the initial (or a snapshot's) client weights.
 
 Opened with ``create=False`` the file must exist and already be a journal: nothing is written
 to it until a row is appended (a replay or a refused resume leaves it as it was).
