@@ -23,3 +23,25 @@ def test_the_cnns_pooling_gives_the_librarys_values_and_gradients_ties_and_nan_i
         (pool(leaf) * weights).sum().backward()
         grads.append(leaf.grad)
     assert torch.equal(*grads)
+
+
+def test_a_steps_directions_made_once_are_the_bits_made_anew_and_the_memo_stays_bounded():
+    from hosfl import directions as d
+
+    theta = torch.randn(300, 7, generator=torch.Generator().manual_seed(1))
+    kinds = [d.Directions("rademacher"), d.Directions("gaussian"),
+             d.Directions("lowrank", rank=2, lazy=3, salt=5)]  # fmt: skip
+    memo = d.Memo(limit_bytes=3 * theta.nbytes)
+    for step in (4, 5):
+        for how in (k.at(step) for k in kinds):
+            fresh = [d.direction(s, 2, theta, how) for s in (11, 12)]
+            moved = [d.shifted(s, 2, theta, how, 1e-3) for s in (11, 12)]
+            for _ in range(2):  # made, then read back
+                with d.remembering(memo):
+                    for s, u, w in zip((11, 12), fresh, moved, strict=True):
+                        assert torch.equal(d.direction(s, 2, theta, how), u)
+                        assert torch.equal(d.shifted(s, 2, theta, how, 1e-3), w)
+                        d.direction(s, 2, theta, how).mul_(7)  # a caller's copy: the memo keeps u
+            assert memo.bytes <= memo.limit and memo.step == step
+    kept = [key[2] if key[0] == "μu" else key[0] for key in memo.kept]
+    assert kept and all(how.step == 5 for how in kept)  # step 4's are gone

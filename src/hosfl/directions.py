@@ -186,7 +186,11 @@ class Memo:
         self.kept: dict[tuple, torch.Tensor] = {}
         self.bytes = 0
 
-    def get(self, key: tuple, step: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(
+        self, key: tuple, step: int, make: Callable[[], torch.Tensor], copy: bool = True
+    ) -> torch.Tensor:
+        """The tensor of ``key`` (made by ``make`` on the first call of ``step``); a copy, or
+        with ``copy=False`` the kept tensor itself, which the caller must not write."""
         if step != self.step:  # another step: its directions are others
             self.kept.clear()
             self.step, self.bytes = step, 0
@@ -196,7 +200,7 @@ class Memo:
             if self.bytes + u.nbytes <= self.limit:
                 self.kept[key] = u
                 self.bytes += u.nbytes
-        return u.clone()  # callers scale their copy in place
+        return u.clone() if copy else u
 
 
 _open = threading.local()
@@ -224,6 +228,20 @@ def direction(
         return _made(seed, index, like, how)
     key = (how, seed, index, like.shape, like.dtype, like.device)
     return memo.get(key, how.step, lambda: _made(seed, index, like, how))
+
+
+def shifted(
+    seed: int, index: int, like: torch.Tensor, how: Directions, mu: float
+) -> torch.Tensor:
+    """θ + μu for the parameter ``like`` (θ) as a new tensor: μu built in u's own buffer (one
+    parameter-sized temporary), or from the open ``Memo``, where the K clients of a step share
+    each μu (the same bits: u·μ then + θ, and a sum does not depend on its order)."""
+    memo = getattr(_open, "memo", None)
+    if memo is None:
+        return direction(seed, index, like, how).mul_(mu).add_(like)
+    key = ("μu", mu, how, seed, index, like.shape, like.dtype, like.device)
+    mu_u = memo.get(key, how.step, lambda: _made(seed, index, like, how).mul_(mu), copy=False)
+    return torch.add(like, mu_u)
 
 
 def _made(seed: int, index: int, like: torch.Tensor, how: Directions) -> torch.Tensor:

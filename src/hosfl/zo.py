@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hosfl.directions import Directions, direction, f32, round_bf16, slices
+from hosfl.directions import Directions, direction, f32, round_bf16, shifted, slices
 from hosfl.exact import ExactOptimizer
 
 
@@ -45,6 +45,7 @@ def perturbed(
     """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched.
     With ``bf16`` (a bfloat16 forward) θ + μu is stochastically rounded to bfloat16."""
     index = {id(p): i for i, p in enumerate(trainable(model))}
+    how = Directions(kind) if isinstance(kind, str) else kind
     handles, swaps = [], []
     for module in model.modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in index]
@@ -56,8 +57,7 @@ def perturbed(
         def swap_in(mod: nn.Module, args: object, own=own, saved=saved) -> None:
             for name, p in own:
                 saved[name] = p.data
-                # θ + μu built in u's own buffer: one parameter-sized temporary, not three
-                w = direction(seed, index[id(p)], p, kind).mul_(mu).add_(p.data)
+                w = shifted(seed, index[id(p)], p.data, how, mu)
                 p.data = round_bf16(w, seed, index[id(p)]) if bf16 else w
 
         def swap_back(mod: nn.Module, args: object, out: object, own=own, saved=saved) -> None:
