@@ -29,6 +29,9 @@ import torch
 import hosfl
 from hosfl import tasks
 from hosfl.data import source
+from hosfl.metrics.memory import meter
+from hosfl.protocol import CutGradient
+from hosfl.runner import build
 
 STEPS = {"fmnist-cnn": 100, "fmnist-cnn-wide": 60, "sentiment-minilm": 30}
 MODES = {"hosfl per-client": dict(method="hosfl", simulate="per-client"),
@@ -76,6 +79,30 @@ def floor(cfg: hosfl.Config, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def peaks(cfg: hosfl.Config) -> tuple[int, int]:
+    """Peak tensor bytes of one HO-SFL client's step (forward and probes) simulated alone, and
+    of the K clients' step simulated as one batch: the batched simulation's own memory, which
+    is not a device's."""
+    fed, _, _ = build(cfg)
+    method = fed.server
+    sampled, plan = method.plan(0)
+    roles = [fed.clients[c] for c in sampled]
+    out = []
+    for group in ([roles[0]], roles):
+        def answer(msgs: list, group: list = group) -> list:
+            if len(group) == 1:  # as the device's client: handle() alone
+                return [group[0].handle(msgs[0])]
+            return type(group[0]).handle_group(group, msgs)
+
+        with meter(cfg.device_of("client")) as m:
+            smashed = answer([plan] * len(group))
+            lams = [CutGradient(0, torch.ones_like(z.z)) for z in smashed]
+            del smashed
+            answer(lams)
+        out.append(m.peak)
+    return out[0], out[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default=",".join(STEPS))
@@ -99,7 +126,10 @@ def main() -> None:
                     best[mode] = min(best.get(mode, float("inf")), per_step(cfg))
                 cfg = hosfl.Config(**base, method="hosfl", out="")
                 best["floor"] = min(best.get("floor", float("inf")), floor(cfg, steps // 2))
-            row = {"task": name, "steps": steps, **{f"{k} s/step": v for k, v in best.items()}}
+            alone, batched = peaks(hosfl.Config(**base, method="hosfl", out=""))
+            row = {"task": name, "steps": steps, **{f"{k} s/step": v for k, v in best.items()},
+                   "client peak MiB": alone / 2**20,
+                   "batched peak MiB": batched / 2**20}  # fmt: skip
             for mode in ("hosfl per-client", "hosfl batched"):
                 row[f"{mode} ÷ floor"] = best[mode] / best["floor"]
                 row[f"{mode} ÷ sfl-v1"] = best[mode] / best["sfl-v1"]
@@ -109,12 +139,13 @@ def main() -> None:
           f"--repeats {args.repeats} --device {args.device} --clients {args.clients} "
           f"--sampled {args.sampled}\n")  # fmt: skip
     print("| task | HO-SFL per-client ÷ its floor | batched ÷ floor | per-client ÷ SplitFed V1 "
-          "| batched ÷ SplitFed V1 | SplitFed V1 ms/step |")
-    print("|---|---|---|---|---|---|")
+          "| batched ÷ SplitFed V1 | SplitFed V1 ms/step | peak: a client alone, K batched (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['hosfl per-client ÷ floor']:.2f} | "
               f"{r['hosfl batched ÷ floor']:.2f} | {r['hosfl per-client ÷ sfl-v1']:.2f} | "
-              f"{r['hosfl batched ÷ sfl-v1']:.2f} | {1e3 * r['sfl-v1 s/step']:.1f} |")  # fmt: skip
+              f"{r['hosfl batched ÷ sfl-v1']:.2f} | {1e3 * r['sfl-v1 s/step']:.1f} | "
+              f"{r['client peak MiB']:.1f}, {r['batched peak MiB']:.1f} |")  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
