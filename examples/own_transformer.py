@@ -18,7 +18,7 @@ task = hosfl.ModelTask(model, cut="bert.encoder.layer.0", name="my-minilm",  # c
 hosfl.register_task(task)
 out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="hosfl-"))
 settings = ["task=my-minilm", "steps=150", "P=2", "batch_size=16", "eval_every=50",
-            "freeze=word_embeddings", "zo_lr_rule=dimension", "progress=false"]  # fmt: skip
+            "freeze=word_embeddings", "progress=false"]  # fmt: skip
 rows = hosfl.compare(["hosfl", "sfl-v1", "frozen"], settings, str(out / "compare"),
                      seeds=[0, 1, 2], log=lambda line: None)  # fmt: skip
 print((out / "compare" / "results.md").read_text())
