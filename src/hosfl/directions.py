@@ -218,16 +218,21 @@ def remembering(memo: Memo) -> Iterator[None]:
 
 
 def direction(
-    seed: int, index: int, like: torch.Tensor, kind: str | Directions = "gaussian"
+    seed: int,
+    index: int,
+    like: torch.Tensor,
+    kind: str | Directions = "gaussian",
+    copy: bool = True,
 ) -> torch.Tensor:
     """u shaped like parameter number ``index``, regenerated from ``seed`` (``Directions``:
-    how; a name is that kind at step 0); from the open ``Memo``, if any."""
+    how; a name is that kind at step 0); from the open ``Memo``, if any (with ``copy=False``
+    the memo's own tensor, which the caller only reads)."""
     how = Directions(kind) if isinstance(kind, str) else kind
     memo = getattr(_open, "memo", None)
     if memo is None:
         return _made(seed, index, like, how)
     key = (how, seed, index, like.shape, like.dtype, like.device)
-    return memo.get(key, how.step, lambda: _made(seed, index, like, how))
+    return memo.get(key, how.step, lambda: _made(seed, index, like, how), copy)
 
 
 def shifted(

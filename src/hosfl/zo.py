@@ -228,8 +228,8 @@ def _exact_update_(
     optimizer.begin()
     for i, p in enumerate(params):
         acc = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-        for s, c in zip(seeds, coef, strict=True):
-            acc.add_(direction(s, i, p, kind).double(), alpha=c)
+        for s, c in zip(seeds, coef, strict=True):  # float32 u read in float64: c·u exact
+            acc.add_(direction(s, i, p, kind, copy=False), alpha=c)
         g = acc.to(p.dtype)
         del acc
         optimizer.update_(i, p, g)
