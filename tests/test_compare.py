@@ -142,6 +142,15 @@ def test_gain_recovered_is_the_share_of_the_first_order_gain_over_a_frozen_clien
                {"method": "hosfl", "final": 0.81}]  # fmt: skip
     _gain(no_gain)
     assert [r["gain_recovered"] for r in no_gain] == [None] * 3  # SplitFed V1 gains < 1 point
+    below = [{"method": "frozen", "final": 0.9167}, {"method": "sfl-v1", "final": 0.9050},
+             {"method": "hosfl", "final": 0.9089}]  # fmt: skip
+    _gain(below)  # first order worse than the frozen client: there is no gain to recover
+    assert [r["gain_recovered"] for r in below] == [None] * 3
+    lower = [{"method": "frozen", "final": 3.0, "higher_is_better": False},
+             {"method": "sfl-v1", "final": 2.0, "higher_is_better": False},
+             {"method": "hosfl", "final": 2.5, "higher_is_better": False}]  # fmt: skip
+    _gain(lower)  # a loss: lower is better, and the gain is the fall
+    assert [r["gain_recovered"] for r in lower] == pytest.approx([0.0, 1.0, 0.5])
 
 
 def test_method_prefixed_overrides_apply_to_that_method_only():

@@ -43,6 +43,7 @@ def _row(r: dict, target: float | None) -> dict:
     row = {
         "method": s["method"],
         "metric": name,
+        "higher_is_better": up,
         "final": s[key],
         "best": (max if up else min)(values, default=float("nan")),
         "steps_to_target": next(
@@ -70,11 +71,21 @@ def _row(r: dict, target: float | None) -> dict:
 MIN_GAIN = 0.01  # SplitFed V1 over the frozen client below which "gain recovered" is noise
 
 
+def _gains(rows: list[dict], final: dict[str, float]) -> bool:
+    """Whether gain recovered is defined: SplitFed V1 better than the frozen client by at least
+    ``MIN_GAIN`` (in the metric's direction). Where it is not better, there is no gain to
+    recover; where it is barely better, the ratio is one of two noises."""
+    if "frozen" not in final or "sfl-v1" not in final:
+        return False
+    sign = 1 if all(r.get("higher_is_better", True) for r in rows) else -1
+    return sign * (final["sfl-v1"] - final["frozen"]) >= MIN_GAIN
+
+
 def _gain(rows: list[dict]) -> None:
-    """gain recovered = (acc − frozen) / (SplitFed V1 − frozen), defined where SplitFed V1 gains
-    at least ``MIN_GAIN`` over the frozen client (else a ratio of two noises: None)."""
+    """gain recovered = (acc − frozen) / (SplitFed V1 − frozen), where it is defined (``_gains``;
+    else None)."""
     acc = {r["method"]: r["final"] for r in rows}
-    ok = "frozen" in acc and "sfl-v1" in acc and abs(acc["sfl-v1"] - acc["frozen"]) >= MIN_GAIN
+    ok = _gains(rows, acc)
     for r in rows:
         r["gain_recovered"] = (
             (r["final"] - acc["frozen"]) / (acc["sfl-v1"] - acc["frozen"]) if ok else None
@@ -137,8 +148,7 @@ def seeds_markdown(rows: list[dict]) -> str:
     for r in rows:
         by.setdefault(r["method"], []).append(r)
     final = {m: statistics.mean(r["final"] for r in rs) for m, rs in by.items()}
-    ok = ("frozen" in final and "sfl-v1" in final
-          and abs(final["sfl-v1"] - final["frozen"]) >= MIN_GAIN)  # fmt: skip
+    ok = _gains(rows, final)
     metric = metric_label(rows[0].get("metric", "accuracy")) if rows else "acc"
     lines = [
         f"| method | seeds | final {metric} | mean of last 3 evaluations | gain recovered "
