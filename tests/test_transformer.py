@@ -288,3 +288,38 @@ def test_the_real_minilm_cut_by_its_layer_names_is_the_built_in_task_at_every_cu
         vocab_size=99, num_labels=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=37, pad_token_id=0))  # fmt: skip
     assert "zo_lr_rule" not in hosfl.ModelTask(fresh, cut=1, train=data, test=data).defaults
+
+
+@pytest.mark.parametrize(("name", "model"), list(_models()), ids=[n for n, _ in _models()])
+def test_each_family_trained_a_few_steps_exports_to_from_pretrained_with_the_runs_outputs(
+    name, model, tmp_path
+):
+    import hosfl
+
+    lm, pad = name.endswith("-lm"), model.config.pad_token_id
+    ids, labels = _toy(120, 0, last=not name.startswith(("bert", "roberta", "distil")))
+    ids[ids == 0] = pad  # the family's own padding id
+    if lm:  # next-token targets: the ids themselves
+        task = hosfl.ModelTask(model, cut=1, train=(ids, ids.clone()), test=(ids, ids.clone()),
+                               loss=hosfl.next_token_loss(pad), classes=0,
+                               metric=hosfl.next_token_accuracy(pad), name=f"x-{name}")  # fmt: skip
+    else:
+        labels = labels % 3
+        task = hosfl.ModelTask(model, cut=1, train=(ids, labels), test=(ids, labels),
+                               name=f"x-{name}")  # fmt: skip
+    hosfl.register_task(task)
+    cfg = hosfl.Config(task=f"x-{name}", clients=2, sampled=2, batch_size=8, steps=3, P=2,
+                       eval_every=0, progress=False, out=str(tmp_path / "run"))  # fmt: skip
+    result = hosfl.run(cfg, log=lambda *a: None)
+    with torch.no_grad():
+        split = result.server_model.eval()(result.client_model.eval()(ids))
+    out = hosfl.export(result.out, tmp_path / "exported")
+    auto = tf.AutoModelForCausalLM if lm else tf.AutoModelForSequenceClassification
+    again = auto.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = again(input_ids=ids, attention_mask=(ids != pad).long()).logits
+    real = ids != pad if lm else slice(None)  # a causal LM's logits where there is a token
+    torch.testing.assert_close(logits[real], split[real], rtol=1e-4, atol=1e-5)
+    if not lm:
+        accuracy = float((logits.argmax(1) == labels).float().mean())
+        assert accuracy == pytest.approx(result.metric, abs=1e-6)  # what the run evaluated

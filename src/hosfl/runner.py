@@ -158,7 +158,8 @@ def _check_data(task: Task, client: nn.Module, server: nn.Module, train, labels)
         )
     if not len(labels):
         return
-    i = int(labels.argmax()) if not labels.is_floating_point() else 0
+    # the example holding the largest label (of a sequence target, its largest entry)
+    i = 0 if labels.is_floating_point() else int(labels.reshape(len(labels), -1).amax(1).argmax())
     x, y = source.take(train, [i])
     was = client.training, server.training
     client.eval(), server.eval()
