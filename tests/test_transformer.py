@@ -131,7 +131,7 @@ TOY = {
 
 
 @pytest.mark.parametrize("family", list(TOY))
-def test_a_transformer_given_to_modeltask_is_cut_by_layer_and_learns_through_the_cut(family, tmp_path):
+def test_a_transformer_given_to_modeltask_is_cut_by_layer_and_learns_through_it(family, tmp_path):
     import hosfl
 
     torch.manual_seed(0)
