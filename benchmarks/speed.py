@@ -5,8 +5,9 @@ For each task: the wall time per step of HO-SFL simulated client by client
 (``simulate=per-client``) and as one batch (``simulate=batched``), and of SplitFed V1, from the
 train rows of metrics.jsonl after the first two steps (the first builds caches, the second is
 the memory-metered step); and in the same process the forward floor of a HO-SFL step: K·(P+1)
-forwards of the client part on B examples each without autograd, and the server's step (a
-forward and backward on each of the K clients' smashed data, one optimizer step). Each figure
+forwards of the client part without autograd, P+1 on each of K batches of B examples, and the
+server's step (a forward and backward on each of the K clients' smashed data, one optimizer
+step). Each figure
 is the best of ``--repeats`` runs, taken in turn, so a slow moment of the machine hits all.
 
     OMP_NUM_THREADS=1 python benchmarks/speed.py
@@ -54,17 +55,19 @@ def floor(cfg: hosfl.Config, steps: int) -> float:
     device = cfg.device_of("client")
     client.to(device)
     server.to(device)
-    x, y = source.take(task.load("train", cfg.batch_size), range(cfg.batch_size))
-    x, y = x.to(device), y.to(device)
+    n = cfg.sampled * cfg.batch_size  # each client its own batch, as in the run
+    x, y = source.take(task.load("train", n), range(n))
+    batches = list(zip(x.to(device).split(cfg.batch_size), y.to(device).split(cfg.batch_size),
+                       strict=True))  # fmt: skip
     opt = torch.optim.SGD([p for p in server.parameters() if p.requires_grad], lr=1e-3)
 
     def step() -> None:
         with torch.no_grad():
-            zs = [client(x) for _ in range(cfg.sampled) for _ in range(cfg.P + 1)]
+            zs = [[client(xk) for _ in range(cfg.P + 1)][0] for xk, _ in batches]
         opt.zero_grad(set_to_none=True)
-        for z in zs[:: cfg.P + 1]:
+        for z, (_, yk) in zip(zs, batches, strict=True):
             z = z.detach().requires_grad_(True)
-            task.loss(server(z), y).backward()
+            task.loss(server(z), yk).backward()
         opt.step()
 
     for _ in range(2):
