@@ -6,10 +6,12 @@ import json
 import tarfile
 
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
 
+import hosfl
 from hosfl import adapt, tasks
 from hosfl.config import Config, ConfigError
 from hosfl.data import partition, sentences
@@ -186,6 +188,16 @@ def test_lora_on_the_client_trains_only_the_adapters_and_d_c_counts_them(tmp_pat
         if "lora_" not in name:  # peft keeps the base weight under base_layer
             torch.testing.assert_close(p, base[name.replace(".base_layer", "")], rtol=0, atol=0)
     assert any(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)
+    # exported with the adapters kept apart: the merged model's outputs, from the saved folders
+    kept = hosfl.export(result.out, tmp_path / "kept", merge=False)
+    again = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForSequenceClassification.from_pretrained(kept), kept / "lora")
+    ids = tasks.get("sentiment-minilm").load("test", 4)[0]
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        want = hosfl.load(result.out)(input_ids=ids, attention_mask=mask).logits
+        got = again.eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_the_frozen_word_embeddings_are_not_in_d_c_and_do_not_move(tmp_path):

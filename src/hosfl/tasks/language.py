@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hosfl import adapt
 from hosfl.data import sentences
 from hosfl.data.fashion_mnist import DataError
 from hosfl.packages import need
@@ -190,12 +191,13 @@ class TextTask(Task):
 
     def assemble(self, cut: str, seed: int, client: nn.Module, server: nn.Module) -> nn.Module:
         """The ``transformers`` model (``save_pretrained`` gives it back) with the trained
-        weights."""
+        weights (and the parts' LoRA adapters where they are not merged)."""
         model = self.pretrained(seed)
         stages = self.stages(model)
         at = self.cuts.index(cut) + 1
-        stages[:at].load_state_dict(client.state_dict())
-        stages[at:].load_state_dict(server.state_dict())
+        for part, trained in ((stages[:at], client), (stages[at:], server)):
+            adapt.carry(trained, part)  # the stages share the model's modules
+            part.load_state_dict(trained.state_dict())
         return model
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
