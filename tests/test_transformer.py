@@ -143,9 +143,9 @@ def test_a_transformer_given_to_modeltask_is_cut_by_layer_and_learns_through_it(
     # BERT learns at the fixed client rate in 80 steps. The fixed rate moves LLaMA's tiny
     # client too far (0.57 at 300 steps, where a frozen client reaches 1.0), and RoBERTa's and
     # DistilBERT's stay near chance in 80 steps: the output rule sets it from the probes (0.82
-    # and 0.81 at 200 steps). On these random-weight GPT-2 and OPT the zeroth-order client is
-    # slow (0.56-0.70 and 0.56 at 400 steps, the output rule), so for them the test is that
-    # first order learns through the same cut (SplitFed V1: 1.0 at 200 steps).
+    # and 0.81 at 200 steps, one seed). On these random-weight GPT-2 and OPT the zeroth-order
+    # client is slow (0.56-0.70 and 0.56 at 400 steps, the output rule, one seed), so for them
+    # the test is that first order learns through the same cut (SplitFed V1: 1.0 at 200 steps).
     settings = {"bert": dict(steps=80, P=2), "gpt2": dict(method="sfl-v1", steps=120),
                 "opt": dict(method="sfl-v1", steps=120)}.get(family)  # fmt: skip
     settings = settings or dict(steps=200, P=2, zo_lr_rule="output")

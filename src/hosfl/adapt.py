@@ -61,13 +61,15 @@ def merged(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-def carry(trained: nn.Module, into: nn.Module) -> None:
-    """Put a copy of each LoRA-wrapped module of ``trained`` at the same name in ``into`` (a
-    module of the same tree before ``lora``), so that ``trained``'s state dict loads there."""
+def load_trained(into: nn.Module, trained: nn.Module) -> None:
+    """Load ``trained``'s weights into ``into`` (a module of the same tree before ``lora``),
+    first putting a copy of each of its LoRA-wrapped modules at the same name there: adapters
+    that are not merged go where they were trained."""
     for name, module in _adapted(trained):
         if not name:
             raise ValueError("a LoRA adapter on the part itself cannot be carried")
         _replace(into, name, copy.deepcopy(module))
+    into.load_state_dict(trained.state_dict())
 
 
 def kept(model: nn.Module, rank: int, alpha: float) -> nn.Module:

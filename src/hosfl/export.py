@@ -37,13 +37,13 @@ def load(
     if task is not None:
         tasks.register_task(task)
     cfg, client, server, task = load_models(state)
-    if cfg.lora == "none":
-        return task.assemble(cfg.cut, cfg.seed, client, server).eval()
-    if merge:
+    lora = cfg.lora != "none"
+    if lora and merge:
         client, server = adapt.merged(client), adapt.merged(server)
-        return task.assemble(cfg.cut, cfg.seed, client, server).eval()
     whole = task.assemble(cfg.cut, cfg.seed, client, server)
-    return adapt.kept(whole, cfg.lora_rank, cfg.lora_alpha).eval()
+    if lora and not merge:
+        whole = adapt.kept(whole, cfg.lora_rank, cfg.lora_alpha)
+    return whole.eval()
 
 
 def export(

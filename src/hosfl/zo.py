@@ -209,7 +209,7 @@ def apply_update_(
         for i, p in enumerate(params):
             g = torch.zeros_like(p)
             for s, c in zip(seeds, coef, strict=True):
-                g.add_(direction(s, i, p, kind), alpha=c)
+                g.add_(direction(s, i, p, kind, copy=False), alpha=c)
             if lrs is not None:
                 p.add_(g, alpha=-lrs[id(p)])
             else:

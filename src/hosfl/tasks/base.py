@@ -196,9 +196,8 @@ class ModelTask(Task):
         if self._model is None:
             return nn.Sequential(OrderedDict([("client", client), ("server", server)]))
         model, mine, theirs = copy.deepcopy((self._model, *self._parts))  # sharing kept
-        for part, trained in ((mine, client), (theirs, server)):
-            adapt.carry(trained, part)  # LoRA kept: the adapters go where they were trained
-            part.load_state_dict(trained.state_dict())
+        adapt.load_trained(mine, client)
+        adapt.load_trained(theirs, server)
         return model
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

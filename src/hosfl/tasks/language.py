@@ -195,9 +195,8 @@ class TextTask(Task):
         model = self.pretrained(seed)
         stages = self.stages(model)
         at = self.cuts.index(cut) + 1
-        for part, trained in ((stages[:at], client), (stages[at:], server)):
-            adapt.carry(trained, part)  # the stages share the model's modules
-            part.load_state_dict(trained.state_dict())
+        adapt.load_trained(stages[:at], client)  # the stages share the model's modules
+        adapt.load_trained(stages[at:], server)
         return model
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
