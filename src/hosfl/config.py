@@ -32,6 +32,7 @@ DIRECTIONS = ("gaussian", "rademacher", "lowrank")
 TRACKERS = ("tensorboard", "mlflow")
 AGGREGATES = ("mean", "median", "trimmed", "clipped", "bounded")
 LORA = ("none", "client", "server", "both")
+CUT_DTYPES = ("float32", "bfloat16", "int8")  # protocol.CUT_DTYPES (config imports no torch)
 LR_RULES = ("fixed", "dimension", "output")
 SIMULATE = ("auto", "batched", "per-client")
 
@@ -44,7 +45,7 @@ METHOD_SETTINGS = frozenset(
      "client_lr", "client_dtype", "server_dtype", "zo_lr_rule", "zo_step", "zo_lr_scale",
      "zo_lr_max", "zo_clip", "server_optimizer", "server_lr", "server_average",
      "server_schedule", "momentum", "local_steps", "aggregate", "outlier_factor",
-     "smashed_bound"}
+     "smashed_bound", "cut_dtype"}
 )  # fmt: skip
 
 
@@ -87,6 +88,12 @@ class Config:
     )
     server_dtype: str = _f(
         "float32", "split methods' server forwards: float32 or bfloat16 (autocast; λ float32)"
+    )
+    cut_dtype: str = _f(
+        "float32",
+        "split methods: the format smashed data z and its gradient λ travel in, both ways: "
+        "float32, bfloat16 (2 bytes a value) or int8 (1 byte a value and a float32 scale per "
+        "tensor); the receiver computes in float32, the journal and replicas stay exact",
     )
     zo_lr_rule: str = _f(
         "fixed",
@@ -301,6 +308,7 @@ class Config:
             "client_dtype": ("float32", "bfloat16"),
             "simulate": SIMULATE,
             "server_dtype": ("float32", "bfloat16"),
+            "cut_dtype": CUT_DTYPES,
             "server_schedule": ("constant", "cosine"),
         }
         unknown = [t for t in self.log_to.split(",") if t.strip() not in ("", *TRACKERS)]

@@ -9,6 +9,13 @@ u32 × rank dims) for a tensor field, all little-endian. ``decode`` reads it bac
 unpickling, checking every field against the message's declared schema (dtype, rank, finite
 values) and the byte count against the shapes. ``payload_bytes`` gives the exact size of
 an encoded message split by payload type; the byte ledger is built from it.
+
+The cut layer's tensors (smashed data z and its gradient λ, the bulk of a split method's
+traffic) may travel in a smaller format, the run's ``cut_dtype``: ``bfloat16`` (2 bytes a
+value, rounded to nearest even) or ``int8`` (1 byte a value and one float32 scale per tensor,
+max|x|/127, rounded to nearest: within scale/2 of x). Whatever the format, the receiver
+decodes float32; ``rounded`` gives the values it decodes without encoding, for the in-process
+engine, bit for bit what the wire delivers.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ FRAMING = "framing"
 _DTYPES = {1: torch.float32, 2: torch.int64, 3: torch.int32}
 _NUMPY = {torch.float32: "<f4", torch.int64: "<i8", torch.int32: "<i4"}
 _CODES = {v: k for k, v in _DTYPES.items()}
+# a lossy float32 field (``Tensor.lossy``) in a smaller format: its code and bytes per value
+CUT_DTYPES = ("float32", "bfloat16", "int8")
+_LOSSY = {"bfloat16": 4, "int8": 5}
+_SCALE = struct.Struct("<f")  # an int8 field's bytes start with its float32 scale
 
 
 class ProtocolError(ValueError):
@@ -47,6 +58,32 @@ class Tensor:
     payload: str
     dtype: torch.dtype | tuple[torch.dtype, ...]  # a tuple: any of these
     ndim: int | None = None  # None: any rank
+    lossy: bool = False  # float32 that may travel in the run's ``cut_dtype``
+
+
+def _wire_size(spec: Tensor, t: torch.Tensor, cut_dtype: str) -> int:
+    """Bytes of one tensor field's values on the wire."""
+    if spec.lossy and cut_dtype == "bfloat16":
+        return 2 * t.numel()
+    if spec.lossy and cut_dtype == "int8":
+        return t.numel() + _SCALE.size
+    return t.numel() * t.element_size()
+
+
+def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ≈ q·s with q integer-valued in [-127, 127] (float32) and s = max|x|/127 (1 for an
+    all-zero tensor); a non-finite x gives a non-finite s, which the receiver refuses."""
+    amax = t.detach().abs().amax() if t.numel() else torch.zeros(())
+    scale = torch.where(amax == 0, torch.ones(()), amax / 127).float()
+    return torch.round(t.detach().float() / scale).clamp(-127, 127), scale
+
+
+def _lossy(t: torch.Tensor, cut_dtype: str) -> torch.Tensor:
+    """The float32 values a receiver decodes from ``t`` sent in ``cut_dtype``."""
+    if cut_dtype == "bfloat16":
+        return t.detach().to(torch.bfloat16).float()
+    q, scale = _int8(t)
+    return q * scale
 
 
 class Message:
@@ -74,8 +111,8 @@ class Message:
                 parts.append(_INT.pack(int(value)))
         return b"".join(parts)
 
-    def payload_bytes(self) -> dict[str, int]:
-        """Exact encoded size by payload type; the sum equals ``len(encode(self))``."""
+    def payload_bytes(self, cut_dtype: str = "float32") -> dict[str, int]:
+        """Exact encoded size by payload type; the sum equals ``len(encode(self, cut_dtype))``."""
         framing = _PREFIX.size
         for f in dataclasses.fields(self):
             spec = self.SCHEMA.get(f.name)
@@ -84,11 +121,11 @@ class Message:
         sizes = {FRAMING: framing}
         for name, spec in self.SCHEMA.items():
             t = getattr(self, name)
-            sizes[spec.payload] = sizes.get(spec.payload, 0) + t.numel() * t.element_size()
+            sizes[spec.payload] = sizes.get(spec.payload, 0) + _wire_size(spec, t, cut_dtype)
         return sizes
 
-    def nbytes(self) -> int:
-        return sum(self.payload_bytes().values())
+    def nbytes(self, cut_dtype: str = "float32") -> int:
+        return sum(self.payload_bytes(cut_dtype).values())
 
     def validate(self) -> None:
         """Raise ProtocolError unless every tensor matches the schema and is finite."""
@@ -109,12 +146,53 @@ class Message:
                 raise ProtocolError(f"{type(self).__name__}.{name} has NaN or infinite values")
 
 
-def encode(msg: Message) -> bytes:
-    parts = [_PREFIX.pack(MAGIC, VERSION, msg.TYPE_ID), msg._header()]
-    for name in msg.SCHEMA:
-        t = getattr(msg, name).detach().cpu()
-        parts.append(t.numpy().astype(_NUMPY[t.dtype], copy=False).tobytes())
+def rounded(msg: Message, cut_dtype: str) -> Message:
+    """``msg`` as its receiver decodes it when sent in ``cut_dtype`` (itself for float32)."""
+    lossy = [n for n, spec in msg.SCHEMA.items() if spec.lossy]
+    if cut_dtype == "float32" or not lossy:
+        return msg
+    if cut_dtype not in _LOSSY:
+        raise ValueError(f"cut_dtype {cut_dtype!r}: expected one of {', '.join(CUT_DTYPES)}")
+    return dataclasses.replace(msg, **{n: _lossy(getattr(msg, n), cut_dtype) for n in lossy})
+
+
+def encode(msg: Message, cut_dtype: str = "float32") -> bytes:
+    """The message's bytes; its lossy fields (z, λ) in ``cut_dtype``."""
+    if cut_dtype not in CUT_DTYPES:
+        raise ValueError(f"cut_dtype {cut_dtype!r}: expected one of {', '.join(CUT_DTYPES)}")
+    header = bytearray(msg._header())
+    parts = [_PREFIX.pack(MAGIC, VERSION, msg.TYPE_ID), header]
+    offset = 0  # of the field's entry in the header
+    for f in dataclasses.fields(msg):
+        spec = msg.SCHEMA.get(f.name)
+        if spec is None:
+            offset += _INT.size
+            continue
+        t = getattr(msg, f.name).detach().cpu()
+        if spec.lossy and cut_dtype != "float32" and t.dtype == torch.float32:
+            header[offset] = _LOSSY[cut_dtype]  # the field's dtype code
+            if cut_dtype == "bfloat16":
+                parts.append(t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes())
+            else:
+                q, scale = _int8(t)
+                parts.append(_SCALE.pack(float(scale)) + q.to(torch.int8).numpy().tobytes())
+        else:
+            parts.append(t.numpy().astype(_NUMPY[t.dtype], copy=False).tobytes())
+        offset += _TENSOR.size + _DIM.size * t.dim()
     return b"".join(parts)
+
+
+def _read_lossy(data: bytes, offset: int, code: int, count: int) -> tuple[torch.Tensor, int]:
+    """A float32 field sent as bfloat16 or int8: its values and the bytes it took."""
+    if code == _LOSSY["bfloat16"]:
+        bits = np.frombuffer(data, dtype="<i2", count=count, offset=offset).astype(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16).float(), 2 * count
+    (scale,) = _SCALE.unpack_from(data, offset)
+    q = np.frombuffer(data, dtype=np.int8, count=count, offset=offset + _SCALE.size)
+    if not (math.isfinite(scale) and scale > 0) or (count and int(q.min()) < -127):
+        raise ProtocolError(f"int8 values with scale {scale} (expected > 0, |q| <= 127)")
+    values = torch.from_numpy(q.astype(np.float32)) * torch.tensor(scale, dtype=torch.float32)
+    return values, _SCALE.size + count
 
 
 def decode(data: bytes) -> Message:
@@ -129,7 +207,7 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"unknown message type {type_id}")
     offset = _PREFIX.size
     values: dict[str, object] = {}
-    shapes: dict[str, tuple[torch.dtype, list[int]]] = {}
+    shapes: dict[str, tuple[int, list[int]]] = {}
     try:
         for f in dataclasses.fields(cls):
             if f.name not in cls.SCHEMA:
@@ -138,20 +216,26 @@ def decode(data: bytes) -> Message:
                 continue
             code, rank = _TENSOR.unpack_from(data, offset)
             offset += _TENSOR.size
-            if code not in _DTYPES or rank > _MAX_RANK:
+            lossy = cls.SCHEMA[f.name].lossy and code in _LOSSY.values()
+            if (code not in _DTYPES and not lossy) or rank > _MAX_RANK:
                 raise ProtocolError(f"{cls.__name__}.{f.name}: dtype code {code}, rank {rank}")
             dims = [_DIM.unpack_from(data, offset + _DIM.size * i)[0] for i in range(rank)]
             offset += _DIM.size * rank
-            shapes[f.name] = (_DTYPES[code], dims)
+            shapes[f.name] = (code, dims)
     except struct.error:
         raise ProtocolError(f"{cls.__name__}: header truncated ({len(data)} bytes)") from None
-    for name, (dtype, dims) in shapes.items():
+    for name, (code, dims) in shapes.items():
         count = math.prod(dims)
-        size = count * np.dtype(_NUMPY[dtype]).itemsize
-        if offset + size > len(data):
+        size = count * (np.dtype(_NUMPY[_DTYPES[code]]).itemsize if code in _DTYPES else 1)
+        if offset + size + (_SCALE.size if code == _LOSSY["int8"] else 0) > len(data):
             raise ProtocolError(f"{cls.__name__}.{name}: truncated ({len(data)} bytes)")
-        array = np.frombuffer(data, dtype=_NUMPY[dtype], count=count, offset=offset)
-        values[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="))).reshape(dims)
+        if code not in _DTYPES:
+            flat, size = _read_lossy(data, offset, code, count)
+            values[name] = flat.reshape(dims)
+        else:
+            array = np.frombuffer(data, dtype=_NUMPY[_DTYPES[code]], count=count, offset=offset)
+            values[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("=")))
+            values[name] = values[name].reshape(dims)
         offset += size
     if offset != len(data):
         raise ProtocolError(f"{cls.__name__}: {len(data) - offset} trailing bytes")
@@ -181,7 +265,10 @@ class SmashedData(Message, type_id=2):
     z: torch.Tensor
     y: torch.Tensor
     # labels: class indices (int64, one per example) or any float32 targets (regression)
-    SCHEMA: ClassVar = {"z": Tensor("smashed", F32), "y": Tensor("labels", (I64, F32))}
+    SCHEMA: ClassVar = {
+        "z": Tensor("smashed", F32, lossy=True),
+        "y": Tensor("labels", (I64, F32)),
+    }
 
 
 @dataclass(frozen=True)
@@ -190,7 +277,7 @@ class CutGradient(Message, type_id=3):
 
     step: int
     lam: torch.Tensor
-    SCHEMA: ClassVar = {"lam": Tensor("lambda", F32)}
+    SCHEMA: ClassVar = {"lam": Tensor("lambda", F32, lossy=True)}
 
 
 @dataclass(frozen=True)

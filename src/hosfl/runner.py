@@ -203,7 +203,7 @@ def run(cfg: Config, log=print, callbacks: Sequence[Callback] = ()) -> RunResult
         checkpoint.save(out / "client_init.pt", _initial(cfg, fed))
         if log is print and fed.task.classes:
             _print_histogram(labels, parts, fed.task.classes)
-        return _train(cfg, fed, test, out, 0, ByteLedger(), 0.0, log, hooks)
+        return _train(cfg, fed, test, out, 0, ByteLedger(cfg.cut_dtype), 0.0, log, hooks)
 
 
 def _train(
@@ -282,7 +282,7 @@ def _resume(folder: Path, log, legacy: bool, callbacks: Sequence[Callback]) -> R
             raise checkpoint.CheckpointError(f"{journal} is missing: the run cannot be checked")
         with contextlib.closing(Journal(journal, create=False, legacy=legacy)) as j:
             j.verify(start, cfg.P)  # every row the checkpoint rests on
-    ledger = ByteLedger.from_dict(state.get("ledger", {}) if state else {})
+    ledger = ByteLedger.from_dict(state.get("ledger", {}) if state else {}, cfg.cut_dtype)
     if fresh:
         checkpoint.save(init, _initial(cfg, fed))
     log(f"hosfl: resuming {folder} at step {start} of {cfg.steps}")

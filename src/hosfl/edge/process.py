@@ -42,6 +42,7 @@ class ClientProcess:
         self.measure_step = min(1, cfg.steps - 1)
         self.meter = meter(device)  # one meter across the calls of the measured step
         self.seconds = 0.0
+        self.cut_dtype = cfg.cut_dtype  # the format z and λ travel in
 
     def handle(self, data: bytes) -> bytes | None:
         msg = decode(data)
@@ -61,4 +62,4 @@ class ClientProcess:
         else:
             reply = self.role.handle(msg)
             self.seconds += time.perf_counter() - start
-        return None if reply is None else encode(reply)
+        return None if reply is None else encode(reply, self.cut_dtype)

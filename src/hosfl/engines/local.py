@@ -22,7 +22,7 @@ from hosfl.engines.base import Releasing
 from hosfl.methods.base import ClientRole
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
 from hosfl.metrics.memory import meter
-from hosfl.protocol import Message, ProtocolError, decode, encode
+from hosfl.protocol import Message, ProtocolError, decode, encode, rounded
 
 
 class LocalEngine(Releasing):
@@ -54,9 +54,10 @@ class LocalEngine(Releasing):
         return max((m.peak for m in self.meters.values()), default=0)
 
     def carry(self, direction: str, msg: Message, copies: int = 1) -> Message:
-        """Move one message (to ``copies`` recipients); what the receiver gets is returned."""
+        """Move one message (to ``copies`` recipients); what the receiver gets is returned:
+        z and λ as the run's ``cut_dtype`` delivers them."""
         self.ledger.record(direction, msg, copies)
-        return msg
+        return rounded(msg, self.ledger.cut_dtype)
 
     def client_ms_per_step(self, sampled: int) -> float:
         """Mean client compute per sampled client per step, the measured step left out (the

@@ -111,7 +111,7 @@ class RemoteEngine(Releasing):
 
     # --- bytes on the wire ---------------------------------------------------------------
     def _send(self, cid: int, msg: Message) -> object:
-        data = encode(msg)
+        data = encode(msg, self.cfg.cut_dtype)
         self.ledger.record(DOWN, msg)
         return self._post(cid, data)
 
@@ -119,6 +119,11 @@ class RemoteEngine(Releasing):
         if type(data) is not bytes:
             raise ProtocolError(f"a client replied with a {type(data).__name__}, not bytes")
         msg = decode(data)
+        if len(data) != msg.nbytes(self.cfg.cut_dtype):  # z in another format than the run's
+            raise ProtocolError(
+                f"{type(msg).__name__} of {len(data)} bytes, {msg.nbytes(self.cfg.cut_dtype)} "
+                f"in cut_dtype={self.cfg.cut_dtype}"
+            )
         self.ledger.record(UP, msg)
         return msg
 

@@ -34,7 +34,7 @@ from hosfl.tasks.base import Task
 # what the backprop server of a split method reads
 SERVER_SETTINGS = frozenset({"server_optimizer", "server_lr", "server_average", "server_schedule",
                              "server_dtype", "momentum", "outlier_factor",
-                             "smashed_bound"})  # fmt: skip
+                             "smashed_bound", "cut_dtype"})  # fmt: skip
 # what a zeroth-order client that probes through (seeds, v̄) reads
 ZO_SETTINGS = frozenset({"P", "mu", "directions", "client_optimizer", "client_lr", "zo_lr_rule",
                          "zo_lr_scale", "zo_lr_max", "momentum"})  # fmt: skip
