@@ -1,4 +1,5 @@
-"""``hosfl``: run | resume | compare | plot | eval | export | replay. Argument parsing only.
+"""``hosfl``: run | resume | compare | timeline | plot | eval | export | replay | serve | client |
+keys. Argument parsing only.
 
 Every user error (bad config, missing data, corrupt checkpoint) is one line on stderr and exit
 code 2; nothing already on disk is overwritten.
@@ -88,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "curves with a band (default: the config's one seed)",
     )
     cmp.add_argument("--out", default="", help="output folder (default: runs/compare-<time>)")
+    cmp.add_argument("--profile", metavar="NAME|FILE.toml", help="also time each run under "
+                     "a device and link profile (see 'hosfl timeline'); columns and plots")
     cmp.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     cmp.add_argument("overrides", nargs="*", metavar="key=value")
     sv = sub.add_parser(
@@ -132,6 +135,23 @@ def _parser() -> argparse.ArgumentParser:
     ks.add_argument("--clients", type=int, required=True)
     ks.add_argument("--host", action="append", default=[], help="a name or address the "
                     "certificate must carry (besides localhost and 127.0.0.1); repeatable")
+    tl = sub.add_parser(
+        "timeline",
+        help="the wall clock of runs on real devices and links: time to a target, where it goes",
+        description="Simulate each run's steps under a device and link profile (compute, "
+        "bandwidth, latency and their spread across clients; stragglers and a deadline), from "
+        "the step's exchanges, bytes and compute that the run recorded. Prints a table; with "
+        "--out writes timeline.csv, timeline.md and accuracy_vs_time_<profile>.png.",
+        epilog="example: hosfl timeline runs/a runs/b --profile phone-lte --out runs/timeline",
+    )
+    tl.add_argument("run_folders", nargs="*", metavar="FOLDER")
+    tl.add_argument("--profile", metavar="NAME|FILE.toml",
+                    help="phone-lte, sbc-slow-uplink, laptop-wifi, datacenter, or a TOML file "
+                    "of profiles (default: every built-in one)")  # fmt: skip
+    tl.add_argument("--target", type=float, default=None, help="the metric value to time "
+                    "(default: the best value the worst run reached)")  # fmt: skip
+    tl.add_argument("--out", default=None, help="where to write the CSV, table and plots")
+    tl.add_argument("--list", action="store_true", help="print the built-in profiles, sourced")
     pl = sub.add_parser("plot", help="redraw the plots of saved run folders")
     pl.add_argument("run_folders", nargs="+", metavar="FOLDER[:LABEL]",
                     help="run folders, each with an optional legend label after a colon")
@@ -204,7 +224,20 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ConfigError(f"--seeds={args.seeds}: comma-separated integers") from None
             target = {} if args.target is None else {"target": args.target}
-            compare(methods, overrides, args.out, config=args.config, seeds=seeds, **target)
+            compare(methods, overrides, args.out, config=args.config, seeds=seeds,
+                    profile=args.profile, **target)  # fmt: skip
+        elif args.command == "timeline":
+            from hosfl.timeline import describe, timeline
+
+            if args.list:
+                print(describe())
+                return 0
+            if not args.run_folders:
+                parser.error("timeline: give at least one run folder (or --list)")
+            text, _ = timeline(args.run_folders, args.profile, args.target, args.out)
+            print(text)
+            if args.out:
+                print(f"written: {args.out}/timeline.csv, timeline.md, accuracy_vs_time_*.png")
         elif args.command == "plot":
             from hosfl.metrics.plots import plot_runs
 

@@ -19,6 +19,7 @@ from hosfl.metrics.plots import load_run, plot_groups, plot_runs
 from hosfl.runfolder import prepare as prepare_out
 from hosfl.runner import run
 from hosfl.tasks.base import metric_label
+from hosfl.timeline import profiles, timeline
 
 # Payloads that keep the clients' models in sync (model weights, or seeds and scalars);
 # the others (smashed data, labels, λ) are the split-learning activations traffic.
@@ -185,11 +186,13 @@ def compare(
     config: str | None = None,
     log: Callable[[str], None] = print,
     seeds: list[int] | None = None,
+    profile: str | None = None,
 ) -> list[dict]:
     """Run each method (for each of ``seeds``, when given) on the same settings into one
     folder; write results.csv (a row a run), results.md and the plots (with ``seeds``: the
     table as mean ± sd over seeds, the curves as the mean with a band from the lowest to the
-    highest seed). Returns the rows."""
+    highest seed; with ``profile``, each run's time to ``target`` under that device and link
+    profile, ``hosfl timeline``'s table, CSV and plots). Returns the rows."""
     unknown = [m for m in methods if m not in registry.METHODS]
     if unknown or not methods:
         raise ConfigError(
@@ -198,6 +201,8 @@ def compare(
         )
     if target is not None and not math.isfinite(target):
         raise ConfigError(f"--target={target}: must be a finite number")
+    if profile is not None:
+        profiles(profile)  # a bad profile is refused before any run
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"--seeds: give distinct seeds, not {seeds}")
     runs = [
@@ -227,6 +232,9 @@ def compare(
         writer.writeheader()
         writer.writerows(rows)
     table = seeds_markdown(rows) if seeds else markdown(rows, target)
+    if profile is not None:  # the same folder gets timeline.csv and accuracy_vs_time_*.png
+        timed, _ = timeline([folder / name for name in names], profile, target, folder)
+        table += f"\n\nUnder profile {profile} (hosfl timeline):\n\n{timed}"
     (folder / "results.md").write_text(table + "\n")
     if seeds:
         plot_groups({m: [folder / f"{m}-seed{s}" for s in seeds] for m in methods}, folder)

@@ -196,6 +196,9 @@ def train(
         "client_peak_bytes": holds + engine.client_peak_bytes,
         "client_inference_peak_bytes": infer_peak,
         "client_ms_per_step": engine.client_ms_per_step(cfg.sampled),
+        # a step's exchanges in order, with bytes and compute (in-process engine): timelines
+        "exchanges": exchanges.as_list() if (exchanges := getattr(engine, "exchanges", None))
+        else None,
         "diverged_at": diverged,
         "diverged_cause": cause or None,
         "stopped_at": stopped,

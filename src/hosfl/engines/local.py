@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from hosfl import directions
 from hosfl.engines.base import Releasing
 from hosfl.methods.base import ClientRole
+from hosfl.metrics.exchanges import Exchanges
 from hosfl.metrics.ledger import DOWN, UP, ByteLedger
 from hosfl.metrics.memory import meter
 from hosfl.protocol import Message, ProtocolError, decode, encode, rounded
@@ -42,6 +43,8 @@ class LocalEngine(Releasing):
         self.meters: dict[int, object] = {}  # client id (-1: broadcast) -> peak meter
         self.before_broadcast: Callable[[Message], None] = lambda msg: None  # e.g. journal it
         self.memo = directions.Memo()  # a step's directions, made once for all the clients
+        self.exchanges = Exchanges(skip_step=measure_step)  # the step's shape, for timelines
+        self._seconds: dict[int, float] = {}  # client id -> its work in this exchange
         self.events: list[dict] = []  # in-process every client shares the record: no drift
 
     @classmethod
@@ -80,13 +83,31 @@ class LocalEngine(Releasing):
         start = time.perf_counter()
         with directions.remembering(self.memo):
             reply = self.clients[cid].handle(msg)
-        self._timed(msg.step, start)
+        self._timed(msg.step, start, [cid])
         return reply
 
-    def _timed(self, step: int, start: float) -> None:
-        """Count the client work since ``start`` towards ``step``."""
+    def _timed(self, step: int, start: float, cids: list[int]) -> None:
+        """Count the client work since ``start`` towards ``step``, shared by ``cids``."""
         elapsed = time.perf_counter() - start
         self.client_seconds[step] = self.client_seconds.get(step, 0.0) + elapsed
+        for cid in cids:
+            self._seconds[cid] = self._seconds.get(cid, 0.0) + elapsed / len(cids)
+
+    def _record(self, kind: str, start: float, sent: Mapping[int, Message],
+                replies: Mapping[int, Message]) -> None:  # fmt: skip
+        """The exchange just done, for ``exchanges``."""
+        sizes: dict[int, int] = {}  # a broadcast is one message for every client
+
+        def size(msg: Message) -> int:
+            return sizes.setdefault(id(msg), msg.nbytes(self.ledger.cut_dtype))
+
+        first = next(iter(sent.values()))
+        up = next(iter(replies.values()), None)
+        self.exchanges.record(kind, first.step, start, type(first).__name__,
+                              None if up is None else type(up).__name__,
+                              [(size(sent[c]), size(replies[c]) if c in replies else 0,
+                                self._seconds.get(c, 0.0)) for c in sent])  # fmt: skip
+        self._seconds = {}
 
     def _groups(self, cids: list[int], step: int) -> list[list[int]]:
         """The clients that answer together: one each, or (batched) those sharing a state."""
@@ -105,7 +126,7 @@ class LocalEngine(Releasing):
         start = time.perf_counter()
         with directions.remembering(self.memo):
             replies = type(roles[0]).handle_group(roles, msgs)
-        self._timed(msgs[0].step, start)
+        self._timed(msgs[0].step, start, cids)
         return replies
 
     def ask(self, requests: Mapping[int, Message]) -> dict[int, Message]:
@@ -113,7 +134,7 @@ class LocalEngine(Releasing):
         cids = sorted(requests)
         if not cids:
             return {}
-        replies = {}
+        start, replies = time.perf_counter(), {}
         for group in self._groups(cids, requests[cids[0]].step):
             msgs = [self.carry(DOWN, requests[cid]) for cid in group]
             for cid, reply in zip(group, self._deliver_group(group, msgs), strict=True):
@@ -122,12 +143,16 @@ class LocalEngine(Releasing):
                         f"client {cid} did not answer {type(requests[cid]).__name__}"
                     )
                 replies[cid] = self.carry(UP, reply)
+        self._record("ask", start, requests, replies)
         return {cid: replies[cid] for cid in cids}
 
     def tell(self, messages: Mapping[int, Message]) -> None:
         """Deliver each client its message; no replies."""
+        start = time.perf_counter()
         for cid in sorted(messages):
             self._deliver(cid, self.carry(DOWN, messages[cid]), cid)
+        if messages:
+            self._record("tell", start, messages, {})
 
     def close(self) -> None:
         """Nothing to release in-process."""
@@ -140,9 +165,14 @@ class LocalEngine(Releasing):
     def broadcast(self, msg: Message) -> None:
         """Deliver ``msg`` to every client; no replies."""
         self.before_broadcast(msg)
+        start = time.perf_counter()
         received = self.carry(DOWN, msg, copies=len(self.clients))
         updated = set()
         for cid, client in enumerate(self.clients):
             if id(client.state) not in updated:
                 updated.add(id(client.state))
                 self._deliver(cid, received, -1)
+        # each client's work: one delivery's (in-process the clients may share one state)
+        work = sum(self._seconds.values()) / max(len(self._seconds), 1)
+        self._seconds = dict.fromkeys(range(len(self.clients)), work)
+        self._record("broadcast", start, dict.fromkeys(range(len(self.clients)), msg), {})
