@@ -95,10 +95,14 @@ class EdgeClient:
 
     def session(self) -> bool:
         """One connection, until the run is over (True) or the connection is lost (False)."""
-        outbox: queue.Queue[bytes | None] = queue.Queue()
+        outbox = Outbox()
+        link = wire.Link.from_env()  # tests: an emulated uplink
 
         def frames():
-            while (data := outbox.get()) is not None:
+            while (queued := outbox.get()) is not None:
+                when, data = queued
+                if link is not None:
+                    link.hold(when, len(data))
                 yield data
 
         metadata = ((wire.CLIENT_KEY, str(self.cid)), (wire.AUTH_KEY, f"Bearer {self.token}"))
@@ -162,6 +166,13 @@ class EdgeClient:
                 raise Stop(f"client {self.cid}: no server for {retry_for:g} s; giving up")
             time.sleep(wait)
             wait = min(wait * 2, 5.0)
+
+
+class Outbox(queue.Queue):
+    """Frames to send, each with when it was queued (for an emulated link); None ends."""
+
+    def put(self, data: bytes | None) -> None:
+        super().put(None if data is None else (time.monotonic(), data))
 
 
 def _is_plan(payload: bytes) -> bool:

@@ -15,7 +15,9 @@ unpickled, on either side.
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from dataclasses import dataclass
 
 from hosfl.protocol import ProtocolError
@@ -56,3 +58,38 @@ def parse(data: bytes) -> Frame:
     if version != VERSION or kind not in KINDS:
         raise ProtocolError(f"not a hosfl frame (version {version}, kind {kind})")
     return Frame(kind, cid, seq, data[HEADER.size :])
+
+
+LINK_ENV = "HOSFL_TEST_LINK"  # "rtt_ms,mbps": an emulated link for each session, both ways
+
+
+class Link:
+    """Test-only: one direction of one client's connection, emulated on loopback. A frame
+    queued at ``queued`` (time.monotonic) starts once the frames before it are through, takes
+    its bits ÷ the bandwidth, and arrives rtt/2 later: ``hold`` sleeps until then (frames in
+    flight overlap their latency, as on a real link). ``HOSFL_TEST_LINK=rtt_ms,mbps`` in the
+    environment of ``hosfl serve`` and ``hosfl client`` gives every session one each way;
+    ``hosfl timeline`` predicts a run under the same numbers (the loopback validation)."""
+
+    def __init__(self, rtt_ms: float, mbps: float) -> None:
+        if not (rtt_ms >= 0 and mbps > 0):
+            raise ValueError(f"{LINK_ENV}: rtt_ms >= 0 and mbps > 0, not {rtt_ms}, {mbps}")
+        self.latency, self.rate = rtt_ms / 2000, mbps * 1e6 / 8  # seconds; bytes a second
+        self.free = 0.0  # when the link has sent everything queued so far
+
+    def hold(self, queued: float, nbytes: int) -> None:
+        self.free = max(queued, self.free) + nbytes / self.rate
+        wait = self.free + self.latency - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    @classmethod
+    def from_env(cls) -> Link | None:
+        text = os.environ.get(LINK_ENV, "")
+        if not text:
+            return None
+        try:
+            rtt_ms, mbps = (float(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"{LINK_ENV}={text!r}: expected rtt_ms,mbps") from None
+        return cls(rtt_ms, mbps)

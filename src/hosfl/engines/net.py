@@ -43,7 +43,8 @@ class Session:
 
     def __init__(self, cid: int, number: int, peer: str) -> None:
         self.cid, self.number, self.peer = cid, number, peer
-        self.outbox: collections.deque[bytes | None] = collections.deque()
+        # (when queued, frame); None ends the stream
+        self.outbox: collections.deque[tuple[float, bytes] | None] = collections.deque()
         self.ready = threading.Condition()
         self.pending: dict[int, futures.Future] = {}
         self.seq = 0
@@ -57,11 +58,12 @@ class Session:
                 raise ClientFailed(f"client {self.cid} is not connected")
             self.seq += 1
             self.pending[self.seq] = future
-            self.outbox.append(wire.Frame(kind, self.cid, self.seq, payload).pack())
+            frame = wire.Frame(kind, self.cid, self.seq, payload).pack()
+            self.outbox.append((time.monotonic(), frame))
             self.ready.notify()
         return future
 
-    def next_frame(self) -> bytes | None:
+    def next_frame(self) -> tuple[float, bytes] | None:
         with self.ready:
             while not self.outbox:
                 self.ready.wait()
@@ -87,7 +89,7 @@ class Session:
             self.open = False
             pending, self.pending = self.pending, {}
             if last is not None:
-                self.outbox.append(last)
+                self.outbox.append((time.monotonic(), last))
             self.outbox.append(None)  # the stream then ends, with status OK
             self.ready.notify()
         for future in pending.values():
@@ -188,8 +190,12 @@ class Gateway:
         first = wire.Frame(wire.WELCOME, session.cid, 0, self.welcome).pack()
         self.wire_bytes["down"] += len(first)
         yield first
-        while (frame := session.next_frame()) is not None:
+        link = wire.Link.from_env()  # tests: an emulated downlink
+        while (queued := session.next_frame()) is not None:
+            when, frame = queued
             self.wire_bytes["down"] += len(frame)
+            if link is not None:
+                link.hold(when, len(frame))
             yield frame
 
     def _read(self, session: Session, frames) -> None:
