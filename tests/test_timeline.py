@@ -16,6 +16,7 @@ import torch
 import hosfl
 from hosfl.callbacks import Callback
 from hosfl.cli import main as cli
+from hosfl.compare import compare
 from hosfl.config import ConfigError
 from hosfl.protocol import CUT_DTYPES, CutGradient, SmashedData, decode, encode, rounded
 from hosfl.replay import replay_run
@@ -101,13 +102,15 @@ def test_profiles_are_sourced_and_bad_ones_refused(tmp_path):
 
 def test_timeline_of_real_runs_times_them_and_writes_table_csv_and_plots(small_cfg, tmp_path,
                                                                        capsys):  # fmt: skip
-    folders = []
-    for method in ("hosfl", "sfl-v1"):
-        out = tmp_path / method
-        hosfl.run(small_cfg(method=method, steps=12, eval_every=4, out=str(out)),
-                  log=lambda *a: None)  # fmt: skip
-        folders.append(str(out))
-    summary = json.loads((tmp_path / "hosfl" / "summary.json").read_text())
+    settings = small_cfg(steps=12, eval_every=4).to_dict()
+    overrides = [f"{k}={v}" for k, v in settings.items() if k not in ("out", "method")]
+    # compare --profile: the runs, and their timeline in the same folder
+    compare(["hosfl", "sfl-v1"], overrides, str(tmp_path / "cmp"), target=0.0,
+            profile="phone-lte", log=lambda *a: None)  # fmt: skip
+    assert "Under profile phone-lte" in (tmp_path / "cmp" / "results.md").read_text()
+    assert (tmp_path / "cmp" / "accuracy_vs_time_phone-lte.png").is_file()
+    folders = [str(tmp_path / "cmp" / m) for m in ("hosfl", "sfl-v1")]
+    summary = json.loads((tmp_path / "cmp" / "hosfl" / "summary.json").read_text())
     kinds = [(e["kind"], e["down"], e["up"]) for e in summary["exchanges"]]
     assert kinds == [("ask", "StepPlan", "SmashedData"), ("ask", "CutGradient", "ProbeScalars"),
                      ("broadcast", "ScalarBroadcast", None)]  # fmt: skip
