@@ -77,7 +77,7 @@ AWAY = dict(P=3, mu=1e-2, directions="gaussian", zo_rank=2, zo_lazy=10, estimato
             server_dtype="bfloat16", zo_lr_rule="dimension", zo_step=1.0, zo_lr_scale=10.0,
             zo_lr_max=0.01, zo_clip=3.0, server_optimizer="adam", server_lr=0.01,
             server_average=0.9, server_schedule="cosine", momentum=0.5, local_steps=2,
-            aggregate="mean", outlier_factor=10.0, smashed_bound=3.0)  # fmt: skip
+            aggregate="mean", outlier_factor=10.0, smashed_bound=3.0, cut_dtype="int8")  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(METHODS))
