@@ -26,7 +26,7 @@ from hosfl.protocol import SmashedData
 class ZOSFL(HOSL):
     name = "zo-sfl"
     # a zeroth-order server: its rate and optimizer, no average, schedule or autocast
-    settings = ZO_SETTINGS | {"server_optimizer", "server_lr", "outlier_factor"}
+    settings = ZO_SETTINGS | {"server_optimizer", "server_lr", "outlier_factor", "cut_dtype"}
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)
