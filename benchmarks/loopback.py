@@ -33,7 +33,7 @@ from hosfl.runfolder import read_metrics
 from hosfl.runner import run
 from hosfl.timeline import Profile, simulate
 
-SMALL = dict(clients=2, sampled=2, batch_size=16, P=3, train_subset=3000, test_subset=500,
+SMALL = dict(clients=2, sampled=2, batch_size=16, train_subset=3000, test_subset=500,
              eval_every=0, client_threads=1, progress="false", cut_dtype="bfloat16")  # fmt: skip
 FIRST = 2  # the window starts after this step
 
