@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in methods:
                 folders.append(out / folder / f"{m}-seed0")
                 labels.append(m + (" (int8)" if "cut_dtype=int8" in settings else ""))
-        _, results = timeline(folders, target=target, out=out / table)
+        _, results = timeline(folders, target=target, out=out / table, labels=labels)
         print(f"\n{table}: time to test accuracy {target} (seconds a step), one seed\n")
         print("| method | final | " + " | ".join(names) + " |")
         print("|---|---:|" + "---:|" * len(names))

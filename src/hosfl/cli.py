@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         "--out writes timeline.csv, timeline.md and accuracy_vs_time_<profile>.png.",
         epilog="example: hosfl timeline runs/a runs/b --profile phone-lte --out runs/timeline",
     )
-    tl.add_argument("run_folders", nargs="*", metavar="FOLDER")
+    tl.add_argument("run_folders", nargs="*", metavar="FOLDER[:LABEL]",
+                    help="run folders, each with an optional label after a colon")
     tl.add_argument("--profile", metavar="NAME|FILE.toml",
                     help="phone-lte, sbc-slow-uplink, laptop-wifi, datacenter, or a TOML file "
                     "of profiles (default: every built-in one)")  # fmt: skip
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if not args.run_folders:
                 parser.error("timeline: give at least one run folder (or --list)")
-            text, _ = timeline(args.run_folders, args.profile, args.target, args.out)
+            folders, labels = zip(*map(_labelled, args.run_folders), strict=True)
+            text, _ = timeline(list(folders), args.profile, args.target, args.out, list(labels))
             print(text)
             if args.out:
                 print(f"written: {args.out}/timeline.csv, timeline.md, accuracy_vs_time_*.png")

@@ -265,9 +265,10 @@ def write(results: list[dict], target: float, out: str | Path) -> list[Path]:
     for prof in dict.fromkeys(r["profile"].name for r in results):
         mine = [(n, r) for n, r in zip(names, results, strict=True) if r["profile"].name == prof]
         fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-        for name, r in mine:
-            ax.plot([r["clock"][s] / 60 for s, _ in r["evals"]], [v for _, v in r["evals"]],
-                    marker=".", label=name)  # fmt: skip
+        for name, r in mine:  # log time: the methods' clocks differ by orders of magnitude
+            points = [(r["clock"][s] / 60, v) for s, v in r["evals"] if s > 0]
+            ax.plot(*zip(*points, strict=True), marker=".", label=name)
+        ax.set_xscale("log")
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.4g}")
         ax.set_xlabel(f"simulated wall clock (minutes): {prof}, {mine[0][1]['profile'].about}")
         ax.set_ylabel(f"test {mine[0][1]['run']['metric']}")
@@ -283,15 +284,16 @@ def write(results: list[dict], target: float, out: str | Path) -> list[Path]:
 
 def timeline(
     folders: list[str | Path], profile: str | None = None, target: float | None = None,
-    out: str | Path | None = None,
+    out: str | Path | None = None, labels: list[str] | None = None,
 ) -> tuple[str, list[dict]]:  # fmt: skip
     """Every run under every chosen profile: the Markdown table and the results (and, with
-    ``out``, the CSV, the table and the plots written there)."""
+    ``out``, the CSV, the table and the plots written there). A run's label is ``labels[i]``
+    where given, else its method (with its folder's name where two runs share one)."""
     if not folders:
         raise ConfigError("give at least one run folder")
     chosen = profiles(profile)
     results = [simulate(f, p) for p in chosen for f in folders]
-    names = legend([r["run"] for r in results[: len(folders)]])
+    names = legend([r["run"] for r in results[: len(folders)]], labels)
     for i, r in enumerate(results):
         r["name"] = names[i % len(folders)]
     metrics = {r["run"]["metric"] for r in results}
