@@ -61,13 +61,16 @@ class Tensor:
     lossy: bool = False  # float32 that may travel in the run's ``cut_dtype``
 
 
+def _is_lossy(spec: Tensor, t: torch.Tensor, cut_dtype: str) -> bool:
+    """Whether this tensor field travels in ``cut_dtype`` rather than its own dtype."""
+    return spec.lossy and cut_dtype != "float32" and t.dtype == torch.float32
+
+
 def _wire_size(spec: Tensor, t: torch.Tensor, cut_dtype: str) -> int:
     """Bytes of one tensor field's values on the wire."""
-    if spec.lossy and cut_dtype == "bfloat16":
-        return 2 * t.numel()
-    if spec.lossy and cut_dtype == "int8":
-        return t.numel() + _SCALE.size
-    return t.numel() * t.element_size()
+    if not _is_lossy(spec, t, cut_dtype):
+        return t.numel() * t.element_size()
+    return 2 * t.numel() if cut_dtype == "bfloat16" else t.numel() + _SCALE.size
 
 
 def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,12 +103,14 @@ class Message:
         cls.TYPE_ID = type_id
         Message._registry[type_id] = cls
 
-    def _header(self) -> bytes:
+    def _header(self, cut_dtype: str) -> bytes:
         parts = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in self.SCHEMA:
-                parts.append(_TENSOR.pack(_CODES[value.dtype], value.dim()))
+                code = (_LOSSY[cut_dtype] if _is_lossy(self.SCHEMA[f.name], value, cut_dtype)
+                        else _CODES[value.dtype])  # fmt: skip
+                parts.append(_TENSOR.pack(code, value.dim()))
                 parts.extend(_DIM.pack(d) for d in value.shape)
             else:
                 parts.append(_INT.pack(int(value)))
@@ -160,25 +165,16 @@ def encode(msg: Message, cut_dtype: str = "float32") -> bytes:
     """The message's bytes; its lossy fields (z, λ) in ``cut_dtype``."""
     if cut_dtype not in CUT_DTYPES:
         raise ValueError(f"cut_dtype {cut_dtype!r}: expected one of {', '.join(CUT_DTYPES)}")
-    header = bytearray(msg._header())
-    parts = [_PREFIX.pack(MAGIC, VERSION, msg.TYPE_ID), header]
-    offset = 0  # of the field's entry in the header
-    for f in dataclasses.fields(msg):
-        spec = msg.SCHEMA.get(f.name)
-        if spec is None:
-            offset += _INT.size
-            continue
-        t = getattr(msg, f.name).detach().cpu()
-        if spec.lossy and cut_dtype != "float32" and t.dtype == torch.float32:
-            header[offset] = _LOSSY[cut_dtype]  # the field's dtype code
-            if cut_dtype == "bfloat16":
-                parts.append(t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes())
-            else:
-                q, scale = _int8(t)
-                parts.append(_SCALE.pack(float(scale)) + q.to(torch.int8).numpy().tobytes())
-        else:
+    parts = [_PREFIX.pack(MAGIC, VERSION, msg.TYPE_ID), msg._header(cut_dtype)]
+    for name, spec in msg.SCHEMA.items():
+        t = getattr(msg, name).detach().cpu()
+        if not _is_lossy(spec, t, cut_dtype):
             parts.append(t.numpy().astype(_NUMPY[t.dtype], copy=False).tobytes())
-        offset += _TENSOR.size + _DIM.size * t.dim()
+        elif cut_dtype == "bfloat16":
+            parts.append(t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes())
+        else:
+            q, scale = _int8(t)
+            parts.append(_SCALE.pack(float(scale)) + q.to(torch.int8).numpy().tobytes())
     return b"".join(parts)
 
 

@@ -94,18 +94,15 @@ class LocalEngine(Releasing):
             self._seconds[cid] = self._seconds.get(cid, 0.0) + elapsed / len(cids)
 
     def _record(self, kind: str, start: float, sent: Mapping[int, Message],
-                replies: Mapping[int, Message]) -> None:  # fmt: skip
-        """The exchange just done, for ``exchanges``."""
-        sizes: dict[int, int] = {}  # a broadcast is one message for every client
-
-        def size(msg: Message) -> int:
-            return sizes.setdefault(id(msg), msg.nbytes(self.ledger.cut_dtype))
-
+                replies: Mapping[int, Message], clients: int | None = None) -> None:  # fmt: skip
+        """The exchange just done, for ``exchanges`` (to ``clients``, by default those sent)."""
+        fmt = self.ledger.cut_dtype
         first = next(iter(sent.values()))
         up = next(iter(replies.values()), None)
         self.exchanges.record(kind, first.step, start, type(first).__name__,
                               None if up is None else type(up).__name__,
-                              [(size(sent[c]), size(replies[c]) if c in replies else 0,
+                              len(sent) if clients is None else clients,
+                              [(sent[c].nbytes(fmt), replies[c].nbytes(fmt) if c in replies else 0,
                                 self._seconds.get(c, 0.0)) for c in sent])  # fmt: skip
         self._seconds = {}
 
@@ -167,12 +164,10 @@ class LocalEngine(Releasing):
         self.before_broadcast(msg)
         start = time.perf_counter()
         received = self.carry(DOWN, msg, copies=len(self.clients))
-        updated = set()
+        updated = {}  # one delivery per state the clients share: each client's work
         for cid, client in enumerate(self.clients):
             if id(client.state) not in updated:
-                updated.add(id(client.state))
+                updated[id(client.state)] = cid
                 self._deliver(cid, received, -1)
-        # each client's work: one delivery's (in-process the clients may share one state)
-        work = sum(self._seconds.values()) / max(len(self._seconds), 1)
-        self._seconds = dict.fromkeys(range(len(self.clients)), work)
-        self._record("broadcast", start, dict.fromkeys(range(len(self.clients)), msg), {})
+        self._record("broadcast", start, dict.fromkeys(updated.values(), msg), {},
+                     clients=len(self.clients))  # fmt: skip

@@ -3,19 +3,20 @@ server and its clients (an ``ask`` and its replies, a ``tell``, a ``broadcast``)
 one client receives and sends in it, the client's compute, and the server's compute before
 it. ``hosfl timeline`` turns this into wall clock under a device and link profile.
 
-Figures are medians over the steps that share the run's most common shape (an evaluation or a
-checkpoint lands in the server time before a step's first exchange of a few steps only), the
-memory-metered step left out. In batched simulation a group's time is split evenly between its
-clients: a device's own time is the per-client simulation's.
+Figures are medians over the last ``WINDOW`` steps that share their most common shape (an
+evaluation or a checkpoint lands in the server time before a step's first exchange of a few
+steps only), the memory-metered step left out. In batched simulation a group's time is split
+evenly between its clients: a device's own time is the per-client simulation's.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
 
 FIELDS = ("server_ms", "down_bytes", "up_bytes", "client_ms")
+WINDOW = 1000  # steps kept: a long run's memory stays bounded
 
 
 class Exchanges:
@@ -24,18 +25,19 @@ class Exchanges:
         self.step: int | None = None
         self.last_end: float | None = None  # when the server got control back
         self.current: list[tuple] = []  # this step's (kind, down, up, clients, *FIELDS)
-        self.steps: list[list[tuple]] = []
+        self.steps: deque[list[tuple]] = deque(maxlen=WINDOW)
 
     def record(self, kind: str, step: int, start: float, down: str, up: str | None,
-               per_client: list[tuple[int, int, float]]) -> None:  # fmt: skip
-        """One exchange that began at ``start`` (perf_counter) and ends now, with each
-        recipient's (bytes received, bytes sent, seconds of its own work)."""
+               clients: int, per_client: list[tuple[int, int, float]]) -> None:  # fmt: skip
+        """One exchange to ``clients`` that began at ``start`` (perf_counter) and ends now,
+        with (bytes received, bytes sent, seconds of its own work) of each recipient measured
+        (a broadcast's: one per state the in-process clients share)."""
         if step != self.step:
             self._close()
             self.step = step
         n = max(len(per_client), 1)
         server_ms = 1000 * (start - self.last_end) if self.last_end is not None else 0.0
-        self.current.append((kind, down, up, len(per_client), server_ms,
+        self.current.append((kind, down, up, clients, server_ms,
                              sum(d for d, _, _ in per_client) / n,
                              sum(u for _, u, _ in per_client) / n,
                              1000 * sum(s for _, _, s in per_client) / n))  # fmt: skip
