@@ -46,6 +46,7 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 _U16, _U15 = np.uint32(16), np.uint32(15)
+_SIGN, _ONE = np.uint32(0x80000000), np.uint32(0x3F800000)  # float32's sign bit, and 1.0
 _C1, _C2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
 
 
@@ -102,9 +103,9 @@ def rademacher(seed: int, index: int, shape: torch.Size, device: torch.device) -
     key, n = _stream_seed(seed, index), math.prod(shape)
     out = torch.empty(n, dtype=torch.float32, device=device)
     for a, b in _hash_slices(n, out.device):
-        if out.device.type == "cpu":  # numpy's uint32 hash, no int64 round trip
-            sign = (_counter_bits_np(key, a, b) >> np.uint32(31)).astype(np.float32)
-            out[a:b] = torch.from_numpy(1 - 2 * sign)
+        if out.device.type == "cpu":  # numpy's uint32 hash; the sign bit onto 1.0's bits
+            bits = _counter_bits_np(key, a, b) & _SIGN | _ONE
+            out[a:b] = torch.from_numpy(bits.view(np.float32))
         else:
             out[a:b] = 1 - 2 * (_counter_bits(key, a, b, out.device) >> 31)
     return out.reshape(shape)
@@ -245,7 +246,9 @@ def shifted(
     if memo is None:
         return direction(seed, index, like, how).mul_(mu).add_(like)
     key = ("μu", mu, how, seed, index, like.shape, like.dtype, like.device)
-    mu_u = memo.get(key, how.step, lambda: _made(seed, index, like, how).mul_(mu), copy=False)
+    mu_u = memo.get(
+        key, how.step, lambda: direction(seed, index, like, how, copy=False).mul(mu), copy=False
+    )  # u itself from the memo: the update steps along the same u
     return torch.add(like, mu_u)
 
 

@@ -38,30 +38,49 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class Layout:
+    """Where a model's trainable parameters live, for ``perturbed``: each module that owns some,
+    with each one's (name, parameter, index in ``trainable(model)``). Walking the modules costs
+    more than a small model's probe of the perturbation itself, so a replica, whose parameters
+    are fixed, builds its layout once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        index = {id(p): i for i, p in enumerate(trainable(model))}
+        self.model = model
+        self.owners = [
+            (module, own)
+            for module in model.modules()
+            if (own := [(n, p, index[id(p)]) for n, p in module.named_parameters(recurse=False)
+                        if id(p) in index])  # fmt: skip
+        ]
+
+
 @contextmanager
 def perturbed(
-    model: nn.Module, seed: int, mu: float, kind: str | Directions = "gaussian", bf16: bool = False
+    model: nn.Module | Layout,
+    seed: int,
+    mu: float,
+    kind: str | Directions = "gaussian",
+    bf16: bool = False,
 ) -> Iterator[None]:
     """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched.
-    With ``bf16`` (a bfloat16 forward) θ + μu is stochastically rounded to bfloat16."""
-    index = {id(p): i for i, p in enumerate(trainable(model))}
+    With ``bf16`` (a bfloat16 forward) θ + μu is stochastically rounded to bfloat16. ``model``
+    may be given as its ``Layout``."""
+    layout = model if isinstance(model, Layout) else Layout(model)
     how = Directions(kind) if isinstance(kind, str) else kind
     handles, swaps = [], []
-    for module in model.modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in index]
-        if not own:
-            continue
+    for module, own in layout.owners:
         saved: dict[str, torch.Tensor] = {}
         swaps.append((own, saved))
 
         def swap_in(mod: nn.Module, args: object, own=own, saved=saved) -> None:
-            for name, p in own:
+            for name, p, i in own:
                 saved[name] = p.data
-                w = shifted(seed, index[id(p)], p.data, how, mu)
-                p.data = round_bf16(w, seed, index[id(p)]) if bf16 else w
+                w = shifted(seed, i, p.data, how, mu)
+                p.data = round_bf16(w, seed, i) if bf16 else w
 
         def swap_back(mod: nn.Module, args: object, out: object, own=own, saved=saved) -> None:
-            for name, p in own:
+            for name, p, _ in own:
                 p.data = saved.pop(name)
 
         handles.append(module.register_forward_pre_hook(swap_in))
@@ -72,7 +91,7 @@ def perturbed(
         for h in handles:
             h.remove()
         for own, saved in swaps:  # a forward that raised never ran its swap back: θ again
-            for name, p in own:
+            for name, p, _ in own:
                 if name in saved:
                     p.data = saved.pop(name)
 
@@ -135,8 +154,11 @@ _DOT_SLICE = 1 << 17  # elements per float64 slice of λᵀz (1 MiB each)
 def project(lam: torch.Tensor, z: torch.Tensor) -> float:
     """λᵀ z, accumulated in float64 (a product of two float32 numbers is exact there), one
     slice at a time: float64 copies of a whole cut-layer tensor would double the client's peak
-    where z is large (an early cut of a vision model)."""
+    where z is large (an early cut of a vision model). A float64 ``lam`` is read as it is (the
+    batched simulation converts each client's λ once for its P probes)."""
     lam, z = lam.reshape(-1), z.reshape(-1)
+    if lam.numel() <= _DOT_SLICE:
+        return float(torch.dot(lam.double(), z.double()))
     total = sum(
         torch.dot(lam[a:b].double(), z[a:b].double()) for a, b in slices(lam.numel(), _DOT_SLICE)
     )  # summed where the tensors are: one host synchronisation, the float below

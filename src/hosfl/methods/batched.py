@@ -64,7 +64,8 @@ class BatchedProbes(ClientRole):
         for role in roles:
             role._pending = None
         lead = roles[0]
-        lams = [devices.to(m.lam, p[2].device) for m, p in zip(msgs, pending, strict=True)]
+        # each λ_m in float64 once for its P + 1 projections (the values are those alone)
+        lams = [devices.to(m.lam, p[2].device).double() for m, p in zip(msgs, pending, strict=True)]
         bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
         # f(θ) is not needed beyond λᵀ f(θ), as alone, but to size each probe's change
         zs = [p[2] for p in pending] if lead.cfg.zo_lr_rule == "output" else []

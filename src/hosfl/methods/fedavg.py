@@ -20,7 +20,7 @@ from hosfl.config import Config
 from hosfl.methods.base import ClientRole, Diverged, Method, make_optimizer
 from hosfl.methods.shard import Shard
 from hosfl.methods.weights import flatten, load_flat_, shared_state
-from hosfl.protocol import Message, ModelWeights, ProtocolError
+from hosfl.protocol import Message, ModelWeights, ProtocolError, finite
 
 
 class Client(ClientRole):
@@ -69,7 +69,7 @@ class FedAvg(Method):
         local = {m: w for m, w in local.items() if w.weights.shape == weights.shape}
         if local:
             avg = torch.stack([local[m].weights for m in sorted(local)]).mean(0)
-            if not bool(torch.isfinite(avg).all()):
+            if not finite(avg):
                 raise Diverged("the averaged weights are not finite")
             load_flat_(shared_state(self.model), avg)
         return None, ModelWeights(t, weights if not local else avg)

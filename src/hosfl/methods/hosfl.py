@@ -58,7 +58,7 @@ class Client(BatchedProbes, ReplicaClient):
         cfg, how = self.cfg, self.replica.directions.at(step)
         if cfg.estimator == "jvp":
             return zo.jvp(self.replica.model, x, seed, cfg.mu, how)
-        with zo.perturbed(self.replica.model, seed, cfg.mu, how, self.bf16):
+        with zo.perturbed(self.replica.layout, seed, cfg.mu, how, self.bf16):
             return self._forward(x)
 
     def _value(self, lam: torch.Tensor, probe: torch.Tensor, base: float) -> float:

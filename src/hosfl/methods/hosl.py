@@ -52,7 +52,7 @@ class Client(ReplicaClient):
                 raise ProtocolError(f"client {self.shard.cid}: probe for step {msg.step} unasked")
             _, x, seeds = self._pending
             with zo.perturbed(
-                self.replica.model, seeds[msg.probe], self.cfg.mu, self.cfg.directions
+                self.replica.layout, seeds[msg.probe], self.cfg.mu, self.cfg.directions
             ):
                 return SmashedData(msg.step, self.replica.model(x), NO_LABELS)
         if isinstance(msg, ScalarBroadcast):

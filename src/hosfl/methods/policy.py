@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hosfl.protocol import Message, ProbeScalars, SmashedData
+from hosfl.protocol import Message, ProbeScalars, SmashedData, finite
 
 
 class Seen:
@@ -64,7 +64,7 @@ def blown_up(replies: dict[int, Message]) -> bool:
     return bool(replies) and all(
         isinstance(r, Message)
         and any(
-            t.is_floating_point() and not bool(torch.isfinite(t).all())
+            not finite(t)
             for t in (getattr(r, name) for name in r.SCHEMA)
             if isinstance(t, torch.Tensor)
         )

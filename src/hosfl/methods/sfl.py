@@ -32,6 +32,7 @@ from hosfl.protocol import (
     ProtocolError,
     SmashedData,
     StepPlan,
+    finite,
 )
 
 
@@ -111,7 +112,7 @@ class SplitFedV1(SplitMethod):
             scale = caps.scales(dict(zip(cids, deltas.norm(dim=1).tolist(), strict=True)))
             factors = torch.tensor([scale[c] for c in cids], dtype=torch.float64)[:, None]
             avg = (here + (deltas * factors).mean(0)).float()
-        if not bool(torch.isfinite(avg).all()):
+        if not finite(avg):
             raise Diverged("the averaged client weights are not finite")
         load_flat_(shared_state(self.client_model), avg)
         return ModelWeights(t, avg)

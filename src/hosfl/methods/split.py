@@ -200,7 +200,8 @@ class SplitMethod(Method):
         here = devices.of(self.model)
         scale = self.bounded(smashed)
         for cid, msg in smashed.items():
-            z = devices.to(msg.z.detach(), here).mul(scale[cid]).requires_grad_(True)
+            z = devices.to(msg.z.detach(), here)  # a leaf of its own, not the message's
+            z = (z.mul(scale[cid]) if scale[cid] != 1 else z).requires_grad_(True)
             with devices.seeded(here, self.cfg.seed, 5, cid, step), torch.autocast(
                 here.type, torch.bfloat16, enabled=self.bf16
             ):
