@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import hosfl
-from hosfl import tasks
+from hosfl import devices, tasks
 from hosfl.data import source
 from hosfl.metrics.memory import meter
 from hosfl.protocol import CutGradient
@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    devices.keep_freed_memory()  # as every run does: the floor's forwards under the same heap
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tasks.split(","):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hosfl import checkpoint, engines
+from hosfl import checkpoint, devices, engines
 from hosfl.callbacks import Callback, Hooks, RunInfo
 from hosfl.config import Config
 from hosfl.journal import Journal
@@ -89,6 +89,7 @@ def train(
     """Steps ``start``..``steps`` of ``fed``; returns the summary (also written). The metrics
     are opened once the engine stands (its clients joined): a start that fails writes nothing.
     ``callbacks`` see each row once the file holds it; one may stop the run after a step."""
+    devices.keep_freed_memory()  # forwards that fault no freed pages in again
     method = fed.server
     task = fed.task
     info = RunInfo(cfg, out, task.metric_name, metric_key(task.metric_name),

@@ -19,6 +19,7 @@ import time
 import ray
 import torch
 
+from hosfl import devices
 from hosfl.config import Config, ConfigError
 from hosfl.edge.process import ClientProcess
 from hosfl.engines.remote import ClientFailed, RemoteEngine
@@ -29,7 +30,12 @@ from hosfl.protocol import Synced
 
 
 class RayClient(ClientProcess):
-    """A client process as a Ray actor: ``handle`` and its process id."""
+    """A client process as a Ray actor: ``handle`` and its process id. A simulation's process,
+    not a device: freed memory is kept for the next forward (``devices.keep_freed_memory``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        devices.keep_freed_memory()
+        super().__init__(*args, **kwargs)
 
     def pid(self) -> int:
         return os.getpid()
