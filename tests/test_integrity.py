@@ -260,6 +260,26 @@ def test_an_update_that_would_move_theta_absurdly_is_never_committed(small_cfg):
     assert sent == [] and fed.server.replica.step == 0
 
 
+def test_a_large_update_within_the_bound_of_a_large_theta_is_committed(small_cfg):
+    """|θ_c| is only computed for a move over the bound's floor: there it is still read."""
+    fed, _, _ = build(small_cfg())
+    replica, sent = fed.server.replica, []
+
+    class Engine:
+        def broadcast(self, msg):
+            sent.append(msg)
+
+    with torch.no_grad():
+        for p in replica.params:
+            p.fill_(1e4)  # |θ_c| ≫ 1: the bound is 100·|θ_c|
+    plan = fed.server.plan(0)[1]
+    values = torch.ones(len(plan.seeds))
+    moved = replica.movement(ScalarBroadcast(0, plan.seeds, values))
+    scale = 1e3 / moved  # a move of 1 000: over 100, under 100·|θ_c|
+    fed.server.commit(ScalarBroadcast(0, plan.seeds, values * scale), Engine())
+    assert len(sent) == 1 and replica.step == 1
+
+
 # --- settings at their edges ---------------------------------------------------------------
 
 

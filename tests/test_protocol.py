@@ -19,6 +19,7 @@ from hosfl.protocol import (
     StepPlan,
     decode,
     encode,
+    finite,
 )
 
 
@@ -93,3 +94,18 @@ def test_malformed_messages_are_rejected_with_a_reason(data, reason):
 def test_wrong_schema_is_rejected_before_sending():
     with pytest.raises(ProtocolError, match="dtype"):
         SmashedData(0, torch.ones(2, 3), torch.ones(2, dtype=torch.int32)).validate()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [0, 777, 4095])
+def test_finite_agrees_with_isfinite_all(dtype, bad, where):
+    t = torch.randn(4096, generator=torch.Generator().manual_seed(where)).to(dtype)
+    if bad is not None:
+        t[where] = bad
+    assert finite(t) is bool(torch.isfinite(t).all()) is (bad is None)
+    assert finite(t.view(64, 64)) is (bad is None)
+
+
+def test_finite_of_integer_and_empty_tensors_is_true():
+    assert finite(torch.arange(5)) and finite(torch.empty(0)) and finite(torch.empty(0, 3))

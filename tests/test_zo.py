@@ -55,11 +55,11 @@ def test_direction_is_a_pure_function_of_seed_and_parameter():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), mu=st.floats(1e-4, 1.0))
-def test_perturbed_forward_sees_theta_plus_mu_u_and_leaves_theta_untouched(seed, mu):
+@given(seed=st.integers(0, 2**31 - 1), mu=st.floats(1e-4, 1.0), layout=st.booleans())
+def test_perturbed_forward_sees_theta_plus_mu_u_and_leaves_theta_untouched(seed, mu, layout):
     model, x = _mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad(), zo.perturbed(model, seed, mu):
+    with torch.no_grad(), zo.perturbed(zo.Layout(model) if layout else model, seed, mu):
         out = model(x)
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)  # bit for bit: no rounding drift from the probe

@@ -41,25 +41,31 @@ def resolve(name: str) -> torch.device:
     return device
 
 
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MMAP_MAX = 32 << 20  # glibc's largest mmap threshold on a 64-bit machine
 
 
 @functools.cache
 def keep_freed_memory(limit: int = 256 << 20) -> bool:
-    """Have glibc keep up to ``limit`` bytes of freed heap for the next allocations instead of
-    handing it back to the OS as soon as it is free (this process only; once; True where it
-    took effect). glibc's own thresholds move with what the process happened to allocate and
-    free before: in a process that has not yet freed a large block, a forward that allocates
-    a 1.6 MB activation and frees it faults the same pages in again, zeroed, every time. The
-    default task's CPU forward (B = 32) then takes 1.24-2.08 ms from one moment to the next,
-    and 1.23-1.28 ms with this. A run of a bundled task is not faster for it (loading its data
-    or weights frees a large block, which raises glibc's thresholds), but it no longer depends
-    on that: a Ray client process, a small dataset, a benchmark's floor measured alone. The
-    price is up to ``limit`` bytes of freed memory held by the process."""
+    """Have glibc serve blocks up to 32 MiB from the heap and keep up to ``limit`` bytes of its
+    freed top for the next allocations, instead of handing freed memory back to the OS (this
+    process only; once; True where it took effect). glibc's own thresholds move with what the
+    process happened to allocate and free before: in a fresh process a forward of the default
+    task's CNN faults about 2 300 pages in again, zeroed, every time (tested: none with this),
+    and its time swings between 1.24 and 2.08 ms from one moment to the next (1.23-1.28 ms
+    with this). A run of a bundled task was not faster for it (loading its data or weights
+    frees a large block, which raises glibc's thresholds), but it no longer depends on that: a
+    Ray client process, a small dataset, a benchmark's floor measured alone. Keeping the top
+    alone is not enough: glibc then maps every block over 128 KiB afresh. The price is up to
+    ``limit`` bytes of freed memory held by the process."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_TRIM_THRESHOLD, limit))
+        libc = ctypes.CDLL("libc.so.6")
+        # blocks up to 32 MiB from the heap, and the heap's free top kept up to ``limit``
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, limit)
+        )
     except (OSError, AttributeError):
         return False
 
