@@ -77,7 +77,7 @@ print(kept, *faults)
 def test_a_kept_heap_serves_forwards_and_large_blocks_without_page_faults():
     """In a fresh process, a forward's 1.6 MB activations and blocks of 4 and 20 MiB are
     allocated again and again without faulting their pages in anew (glibc's default faults
-    about 750 pages a forward of this CNN there; keeping only the heap's top, without the
+    about 2 300 pages a forward of this CNN there; keeping only the heap's top, without the
     mmap threshold, faults every 4 MiB block in: both parts are needed)."""
     out = subprocess.run([sys.executable, "-c", FAULTS, "keep"], capture_output=True, text=True,
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

@@ -51,7 +51,7 @@ def keep_freed_memory(limit: int = 256 << 20) -> bool:
     freed top for the next allocations, instead of handing freed memory back to the OS (this
     process only; once; True where it took effect). glibc's own thresholds move with what the
     process happened to allocate and free before: in a fresh process a forward of the default
-    task's CNN faults about 2 300 pages in again, zeroed, every time (tested: none with this),
+    task's CNN (B = 32) faults about 750 pages in again, zeroed, every time (none with this),
     and its time swings between 1.24 and 2.08 ms from one moment to the next (1.23-1.28 ms
     with this). A run of a bundled task was not faster for it (loading its data or weights
     frees a large block, which raises glibc's thresholds), but it no longer depends on that: a
