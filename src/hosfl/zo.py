@@ -39,14 +39,14 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 class Layout:
-    """Where a model's trainable parameters live, for ``perturbed``: each module that owns some,
-    with each one's (name, parameter, index in ``trainable(model)``). Walking the modules costs
-    more than a small model's probe of the perturbation itself, so a replica, whose parameters
-    are fixed, builds its layout once."""
+    """A model's trainable parameters (``params``, in ``trainable`` order) and where they live,
+    for ``perturbed``: each module that owns some, with each one's (name, parameter, index in
+    ``params``). Walking the modules costs more than a small model's probe of the perturbation
+    itself, so a replica, whose parameters are fixed, builds its layout once."""
 
     def __init__(self, model: nn.Module) -> None:
-        index = {id(p): i for i, p in enumerate(trainable(model))}
-        self.model = model
+        self.params = trainable(model)
+        index = {id(p): i for i, p in enumerate(self.params)}
         self.owners = [
             (module, own)
             for module in model.modules()

@@ -63,8 +63,8 @@ class Replica:
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
         self.model = model.eval()  # BatchNorm statistics frozen, dropout off while probing
-        self.params = zo.trainable(model)
-        self.layout = zo.Layout(model)  # where the probes swap θ + μu in, walked once
+        self.layout = zo.Layout(model)  # θ_c's parameters and where the probes swap θ + μu in
+        self.params = self.layout.params
         self.cfg = cfg
         lr = zo_lr(cfg, sum(p.numel() for p in self.params), cfg.client_lr)
         self.directions = dirs.Directions.of(cfg)
