@@ -1,5 +1,5 @@
 """Is every default run bit-identical to another version's? A digest of a short run of each
-method: the final client and server tensors (weights and buffers), the metrics' losses and
+method (and of HO-SFL simulated as one batch, ``hosfl-batched``): the final client and server tensors (weights and buffers), the metrics' losses and
 the journal's rows. Run it on two checkouts and compare the JSON (``--against FILE``).
 
     OMP_NUM_THREADS=1 python benchmarks/digests.py --out before.json
@@ -48,10 +48,12 @@ def main() -> None:
     args = ap.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in methods.METHODS:
+        runs = {name: {"method": name} for name in methods.METHODS}
+        runs["hosfl-batched"] = {"method": "hosfl", "simulate": "batched"}
+        for name, settings in runs.items():
             start = time.perf_counter()
             cfg = hosfl.Config(
-                method=name, steps=args.steps, eval_every=0, progress=False,
+                **settings, steps=args.steps, eval_every=0, progress=False,
                 out=f"{tmp}/{name}", snapshot_every=args.steps,
             )  # fmt: skip
             rows[name] = digest_run(hosfl.run(cfg, log=lambda _: None))
@@ -61,7 +63,7 @@ def main() -> None:
     print(f"command: OMP_NUM_THREADS=1 python benchmarks/digests.py --steps {args.steps}")
     if args.against:
         before = json.loads(Path(args.against).read_text())
-        same = {k: before.get(k) == v for k, v in rows.items()}
+        same = {k: before.get(k) == v for k, v in rows.items() if k in before}
         for k, ok in same.items():
             print(f"{k:<8} {'identical' if ok else 'DIFFERENT'} to {args.against}")
         sys.exit(0 if all(same.values()) else 1)

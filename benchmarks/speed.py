@@ -5,9 +5,10 @@ For each task: the wall time per step of HO-SFL simulated client by client
 (``simulate=per-client``) and as one batch (``simulate=batched``), and of SplitFed V1, from the
 train rows of metrics.jsonl after the first two steps (the first builds caches, the second is
 the memory-metered step); and in the same process the forward floor of a HO-SFL step: K·(P+1)
-forwards of the client part without autograd, P+1 on each of K batches of B examples, and the
-server's step (a forward and backward on each of the K clients' smashed data, one optimizer
-step). Each figure
+forwards of the client part without autograd, P+1 on each of K batches of B examples (new
+batches every step, and P of the forwards at perturbed weights made beforehand, as a run's
+forwards meet new inputs and new weights), and the server's step (a forward and backward on
+each of the K clients' smashed data, one optimizer step). Each figure
 is the best of ``--repeats`` runs, taken in turn, so a slow moment of the machine hits all.
 
     OMP_NUM_THREADS=1 python benchmarks/speed.py
@@ -25,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import hosfl
@@ -49,34 +51,55 @@ def per_step(cfg: hosfl.Config) -> float:
     return (walls[last] - walls[2]) / (last - 2)
 
 
-def floor(cfg: hosfl.Config, steps: int) -> float:
-    """Seconds a step of the forward floor of HO-SFL under ``cfg``."""
+def floor(cfg: hosfl.Config, steps: int, fresh: bool = True) -> float:
+    """Seconds a step of the forward floor of HO-SFL under ``cfg``: each step K batches of B
+    examples of its own (training reads new ones every step), P + 1 forwards of the client part
+    on each without autograd, P of them at weights of their own (θ + μu_p, made before the
+    timing and swapped in as whole tensors: no direction is drawn and nothing is projected),
+    and the server's step. ``fresh=False``: the first K batches every step and every forward
+    at θ (the floor of the earlier figures, which no training run can reach: its inputs and
+    weights stay in the cache)."""
     task, client, server = tasks.prepare(cfg)
     device = cfg.device_of("client")
     client.to(device)
     server.to(device)
-    n = cfg.sampled * cfg.batch_size  # each client its own batch, as in the run
-    x, y = source.take(task.load("train", n), range(n))
-    batches = list(zip(x.to(device).split(cfg.batch_size), y.to(device).split(cfg.batch_size),
-                       strict=True))  # fmt: skip
+    k, b = cfg.sampled, cfg.batch_size
+    data = task.load("train", (steps + 2) * k * b)
+    size = len(data[1]) if isinstance(data, tuple) else len(data)
+    x, y = source.take(data, np.arange((steps + 2) * k * b) % size)
+    batches = list(zip(x.to(device).split(b), y.to(device).split(b), strict=True))
+    params = [p for p in client.parameters() if p.requires_grad]
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    theta = [p.data for p in params]
+    probes = [[w + cfg.mu * torch.randn(w.shape, generator=gen, device=device) for w in theta]
+              for _ in range(cfg.P)]  # fmt: skip
     opt = torch.optim.SGD([p for p in server.parameters() if p.requires_grad], lr=1e-3)
 
-    def step() -> None:
+    def step(t: int) -> None:
+        mine = batches[t * k : (t + 1) * k] if fresh else batches[:k]
+        zs = []
         with torch.no_grad():
-            zs = [[client(xk) for _ in range(cfg.P + 1)][0] for xk, _ in batches]
+            for xk, _ in mine:
+                zs.append(client(xk))
+                for ws in probes if fresh else [theta] * cfg.P:
+                    for p, w in zip(params, ws, strict=True):
+                        p.data = w
+                    client(xk)
+                for p, w in zip(params, theta, strict=True):
+                    p.data = w
         opt.zero_grad(set_to_none=True)
-        for z, (_, yk) in zip(zs, batches, strict=True):
+        for z, (_, yk) in zip(zs, mine, strict=True):
             z = z.detach().requires_grad_(True)
             task.loss(server(z), yk).backward()
         opt.step()
 
-    for _ in range(2):
-        step()
+    for t in range(2):
+        step(t)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for t in range(2, steps + 2):
+        step(t)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
@@ -130,24 +153,29 @@ def main() -> None:
                     best[mode] = min(best.get(mode, float("inf")), per_step(cfg))
                 cfg = hosfl.Config(**base, method="hosfl", out="")
                 best["floor"] = min(best.get("floor", float("inf")), floor(cfg, steps // 2))
+                fixed = floor(cfg, steps // 2, fresh=False)
+                best["fixed floor"] = min(best.get("fixed floor", float("inf")), fixed)
             alone, batched = peaks(hosfl.Config(**base, method="hosfl", out=""))
             row = {"task": name, "steps": steps, **{f"{k} s/step": v for k, v in best.items()},
                    "client peak MiB": alone / 2**20,
                    "batched peak MiB": batched / 2**20}  # fmt: skip
             for mode in ("hosfl per-client", "hosfl batched"):
                 row[f"{mode} ÷ floor"] = best[mode] / best["floor"]
+                row[f"{mode} ÷ fixed floor"] = best[mode] / best["fixed floor"]
                 row[f"{mode} ÷ sfl-v1"] = best[mode] / best["sfl-v1"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\ncommand: OMP_NUM_THREADS=1 python benchmarks/speed.py --tasks {args.tasks} "
           f"--repeats {args.repeats} --device {args.device} --clients {args.clients} "
           f"--sampled {args.sampled}\n")  # fmt: skip
-    print("| task | HO-SFL per-client ÷ its floor | batched ÷ floor | per-client ÷ SplitFed V1 "
-          "| batched ÷ SplitFed V1 | SplitFed V1 ms/step | peak: a client alone, K batched (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | HO-SFL per-client ÷ its floor | batched ÷ floor | the same ÷ the fixed-input "
+          "floor | per-client ÷ SplitFed V1 | batched ÷ SplitFed V1 | SplitFed V1 ms/step "
+          "| peak: a client alone, K batched (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['hosfl per-client ÷ floor']:.2f} | "
-              f"{r['hosfl batched ÷ floor']:.2f} | {r['hosfl per-client ÷ sfl-v1']:.2f} | "
+              f"{r['hosfl batched ÷ floor']:.2f} | {r['hosfl per-client ÷ fixed floor']:.2f}, "
+              f"{r['hosfl batched ÷ fixed floor']:.2f} | {r['hosfl per-client ÷ sfl-v1']:.2f} | "
               f"{r['hosfl batched ÷ sfl-v1']:.2f} | {1e3 * r['sfl-v1 s/step']:.1f} | "
               f"{r['client peak MiB']:.1f}, {r['batched peak MiB']:.1f} |")  # fmt: skip
     if args.out:

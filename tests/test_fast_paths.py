@@ -50,6 +50,27 @@ def test_a_steps_directions_made_once_are_the_bits_made_anew_and_the_memo_stays_
     assert kept and all(how.step == 5 for how in kept)  # step 4's are gone
 
 
+def test_a_steps_directions_hashed_together_are_the_bits_made_one_by_one():
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(5, 3, generator=g), torch.randn(1, generator=g),
+              torch.randn(d._TOGETHER + 1, generator=g),  # too large: made as before
+              torch.randn(4, 2, generator=g, dtype=torch.float64),  # not float32: as before
+              torch.randn(300, 7, generator=g)]  # fmt: skip
+    seeds = [3, 2**31 - 1, 0]
+    for how in (d.Directions("rademacher").at(6), d.Directions("gaussian")):
+        alone = [[d.direction(s, i, p, how) for i, p in enumerate(params)] for s in seeds]
+        memo = d.Memo()
+        with d.remembering(memo):
+            d.prefill(seeds, params, how)
+            filled = len(memo.kept)
+            for s, made in zip(seeds, alone, strict=True):
+                for i, (p, u) in enumerate(zip(params, made, strict=True)):
+                    assert torch.equal(d.direction(s, i, p, how), u)
+                    assert torch.equal(d.shifted(s, i, p, how, 1e-3), u * 1e-3 + p)
+        assert filled == (9 if how.kind == "rademacher" else 0)  # 3 small float32 × 3 seeds
+    d.prefill(seeds, params, d.Directions("rademacher"))  # no memo open: nothing, no error
+
+
 def test_a_batched_run_killed_resumes_to_the_uninterrupted_weights_and_replays(small_cfg, tmp_path):
     cfg = dict(simulate="batched", steps=16, snapshot_every=5, eval_every=0, sampled=3)
     whole = runner.run(small_cfg(**cfg, out=str(tmp_path / "whole")), log=lambda *a: None)

@@ -55,11 +55,15 @@ def test_direction_is_a_pure_function_of_seed_and_parameter():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), mu=st.floats(1e-4, 1.0), layout=st.booleans())
-def test_perturbed_forward_sees_theta_plus_mu_u_and_leaves_theta_untouched(seed, mu, layout):
+@given(seed=st.integers(0, 2**31 - 1), mu=st.floats(1e-4, 1.0), layout=st.booleans(),
+       at_once=st.booleans())  # fmt: skip
+def test_perturbed_forward_sees_theta_plus_mu_u_and_leaves_theta_untouched(
+    seed, mu, layout, at_once
+):
     model, x = _mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad(), zo.perturbed(zo.Layout(model) if layout else model, seed, mu):
+    target = zo.Layout(model) if layout else model
+    with torch.no_grad(), zo.perturbed(target, seed, mu, at_once=at_once):
         out = model(x)
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)  # bit for bit: no rounding drift from the probe
@@ -69,6 +73,17 @@ def test_perturbed_forward_sees_theta_plus_mu_u_and_leaves_theta_untouched(seed,
         (x,),
     )
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+def test_a_forward_that_raises_inside_perturbed_leaves_theta_as_it_was(at_once):
+    model, x = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="shape"):
+        with zo.perturbed(model, 3, 0.5, at_once=at_once):
+            model(x[:, :1])  # the wrong width: the first layer raises
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
 
 
 def test_frozen_parameters_are_neither_perturbed_nor_updated():

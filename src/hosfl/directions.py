@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -55,8 +55,13 @@ def _counter_bits_np(key: int, start: int, stop: int) -> np.ndarray:
     mod 2³² as the hash wants (one operation where the int64 form needs five): ~12× faster,
     the same bits (tested)."""
     x = np.arange(start, stop, dtype=np.uint32)
-    for k in (key & _M32, key >> 32 & _M32):
-        x ^= np.uint32(k)
+    return _mix_np(x, np.uint32(key & _M32), np.uint32(key >> 32 & _M32))
+
+
+def _mix_np(x: np.ndarray, k1: np.uint32 | np.ndarray, k2: np.uint32 | np.ndarray) -> np.ndarray:
+    """hash(hash(x ⊕ k₁) ⊕ k₂) in place, keys one for all or one per element."""
+    for k in (k1, k2):
+        x ^= k
         x ^= x >> _U16
         x *= _C1
         x ^= x >> _U15
@@ -218,6 +223,37 @@ def remembering(memo: Memo) -> Iterator[None]:
         _open.memo = before
 
 
+_TOGETHER = 1 << 16  # parameters up to this size are hashed together by ``prefill``
+
+
+def prefill(seeds: Sequence[int], params: Sequence[torch.Tensor], how: Directions) -> None:
+    """Into the open ``Memo``: the ±1 direction of every small float32 CPU parameter for every
+    seed of a step, hashed in one numpy pass (each element keyed by its own (seed, index))
+    instead of one pass per parameter and seed: the bits ``direction`` would make, in fewer
+    calls (a small model's probes spent more on the calls than on the hashing). Nothing
+    without an open memo (a device's client makes each direction where it needs it), for
+    other directions, or for other parameters (made as before)."""
+    memo = getattr(_open, "memo", None)
+    if memo is None or how.kind != "rademacher":
+        return
+    cpu32 = (torch.device("cpu"), torch.float32)
+    small = [(i, p) for i, p in enumerate(params)
+             if (p.device, p.dtype) == cpu32 and p.numel() <= _TOGETHER]  # fmt: skip
+    todo = [(s, i, p) for s in seeds for i, p in small]
+    keys = [(how, s, i, p.shape, p.dtype, p.device) for s, i, p in todo]
+    if not todo or (memo.step == how.step and all(k in memo.kept for k in keys)):
+        return
+    sizes = np.array([p.numel() for _, _, p in todo], dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    streams = [_stream_seed(s, i) for s, i, _ in todo]
+    k1 = np.repeat(np.array([k & _M32 for k in streams], dtype=np.uint32), sizes)
+    k2 = np.repeat(np.array([k >> 32 & _M32 for k in streams], dtype=np.uint32), sizes)
+    x = np.arange(int(sizes.sum()), dtype=np.uint32) - np.repeat(starts.astype(np.uint32), sizes)
+    flat = torch.from_numpy((_mix_np(x, k1, k2) & _SIGN | _ONE).view(np.float32))
+    for key, (_, _, p), a, n in zip(keys, todo, starts.tolist(), sizes.tolist(), strict=True):
+        memo.get(key, how.step, lambda a=a, n=n, p=p: flat[a : a + n].view(p.shape), copy=False)
+
+
 def direction(
     seed: int,
     index: int,
@@ -236,9 +272,7 @@ def direction(
     return memo.get(key, how.step, lambda: _made(seed, index, like, how), copy)
 
 
-def shifted(
-    seed: int, index: int, like: torch.Tensor, how: Directions, mu: float
-) -> torch.Tensor:
+def shifted(seed: int, index: int, like: torch.Tensor, how: Directions, mu: float) -> torch.Tensor:
     """θ + μu for the parameter ``like`` (θ) as a new tensor: μu built in u's own buffer (one
     parameter-sized temporary), or from the open ``Memo``, where the K clients of a step share
     each μu (the same bits: u·μ then + θ, and a sum does not depend on its order)."""

@@ -16,7 +16,8 @@ Why perturbed() does not add μu to θ and subtract it again, as MeZO does: (θ 
 (seeds, v̄) log never sees, and replay would stop being bit-exact. Instead each module's
 parameters are swapped for θ + μu only while that module runs (a forward pre-hook) and swapped
 back after it (a forward hook): θ is never written during a probe and the extra memory is the
-parameters of one module.
+parameters of one module. The batched simulation, which measures no device's memory, swaps
+every parameter at once (``at_once``): the same bits without a hook on each module's call.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ class Layout:
         self.owners = [
             (module, own)
             for module in model.modules()
-            if (own := [(n, p, index[id(p)]) for n, p in module.named_parameters(recurse=False)
-                        if id(p) in index])  # fmt: skip
+            if (
+                own := [
+                    (n, p, index[id(p)])
+                    for n, p in module.named_parameters(recurse=False)
+                    if id(p) in index
+                ]
+            )  # fmt: skip
         ]
 
 
@@ -62,12 +68,29 @@ def perturbed(
     mu: float,
     kind: str | Directions = "gaussian",
     bf16: bool = False,
+    at_once: bool = False,
 ) -> Iterator[None]:
     """Within the block, ``model(x)`` computes f(x; θ + μ·u(seed)); θ itself is untouched.
     With ``bf16`` (a bfloat16 forward) θ + μu is stochastically rounded to bfloat16. ``model``
-    may be given as its ``Layout``."""
+    may be given as its ``Layout``. Each module's parameters are swapped only while it runs,
+    or with ``at_once`` all of them for the whole block (a whole perturbed copy of θ alive)."""
     layout = model if isinstance(model, Layout) else Layout(model)
     how = Directions(kind) if isinstance(kind, str) else kind
+
+    def moved(i: int, p: torch.Tensor) -> torch.Tensor:
+        w = shifted(seed, i, p.data, how, mu)
+        return round_bf16(w, seed, i) if bf16 else w
+
+    if at_once:
+        kept = [p.data for p in layout.params]
+        try:
+            for i, p in enumerate(layout.params):
+                p.data = moved(i, p)
+            yield
+        finally:
+            for p, data in zip(layout.params, kept, strict=True):
+                p.data = data
+        return
     handles, swaps = [], []
     for module, own in layout.owners:
         saved: dict[str, torch.Tensor] = {}
@@ -76,8 +99,7 @@ def perturbed(
         def swap_in(mod: nn.Module, args: object, own=own, saved=saved) -> None:
             for name, p, i in own:
                 saved[name] = p.data
-                w = shifted(seed, i, p.data, how, mu)
-                p.data = round_bf16(w, seed, i) if bf16 else w
+                p.data = moved(i, p)
 
         def swap_back(mod: nn.Module, args: object, out: object, own=own, saved=saved) -> None:
             for name, p, _ in own:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hosfl import devices, zo
+from hosfl import devices, directions, zo
 from hosfl.methods.base import ClientRole
 from hosfl.methods.shard import concatenated, forward_group
 from hosfl.protocol import CutGradient, Message, SmashedData, StepPlan
@@ -64,6 +64,7 @@ class BatchedProbes(ClientRole):
         for role in roles:
             role._pending = None
         lead = roles[0]
+        directions.prefill(seeds, lead.replica.params, lead.replica.directions.at(step))
         # each λ_m in float64 once for its P + 1 projections (the values are those alone)
         lams = [devices.to(m.lam, p[2].device).double() for m, p in zip(msgs, pending, strict=True)]
         bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
@@ -74,7 +75,7 @@ class BatchedProbes(ClientRole):
         values: list[list[float]] = [[] for _ in roles]
         moved: list[list[float]] = [[] for _ in roles]
         for seed in seeds:
-            zp = lead._probe(x, seed, step).split(sizes)
+            zp = lead._probe(x, seed, step, at_once=True).split(sizes)
             for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
                 values[m].append(lead._value(lam, zm, base))
                 if zs:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hosfl import devices, zo
+from hosfl import devices, directions, zo
 from hosfl.config import Config
 from hosfl.methods.base import ClientRole
 from hosfl.methods.batched import BatchedProbes
@@ -52,13 +52,13 @@ class Client(BatchedProbes, ReplicaClient):
         ):
             return self.replica.model(x).float()
 
-    def _probe(self, x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    def _probe(self, x: torch.Tensor, seed: int, step: int, at_once: bool = False) -> torch.Tensor:
         """f(x; θ + μu) (finite differences), or μ·J_c u (``estimator=jvp``), u the
-        direction of ``seed`` at ``step``."""
+        direction of ``seed`` at ``step``; ``at_once``: θ + μu swapped in whole (simulation)."""
         cfg, how = self.cfg, self.replica.directions.at(step)
         if cfg.estimator == "jvp":
             return zo.jvp(self.replica.model, x, seed, cfg.mu, how)
-        with zo.perturbed(self.replica.layout, seed, cfg.mu, how, self.bf16):
+        with zo.perturbed(self.replica.layout, seed, cfg.mu, how, self.bf16, at_once):
             return self._forward(x)
 
     def _value(self, lam: torch.Tensor, probe: torch.Tensor, base: float) -> float:
@@ -99,6 +99,7 @@ class Client(BatchedProbes, ReplicaClient):
                 raise ProtocolError(f"client {self.shard.cid}: λ for step {msg.step} unasked")
             step, x, z, seeds = self._pending
             self._pending = None
+            directions.prefill(seeds, self.replica.params, self.replica.directions.at(step))
             lam = devices.to(msg.lam, z.device)
             base = zo.project(lam, z)
             sized = self.cfg.zo_lr_rule == "output"  # keeps f(θ) to size each probe's change
@@ -124,8 +125,11 @@ class HOSFL(SplitMethod):
 
     name = "hosfl"
     seed_synced = True
-    settings = SplitMethod.settings | ZO_SETTINGS | {
-        "zo_rank", "zo_lazy", "estimator", "client_dtype", "zo_step", "zo_clip", "aggregate"}
+    settings = (
+        SplitMethod.settings
+        | ZO_SETTINGS
+        | {"zo_rank", "zo_lazy", "estimator", "client_dtype", "zo_step", "zo_clip", "aggregate"}
+    )
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)

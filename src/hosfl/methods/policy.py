@@ -4,6 +4,7 @@ bounds an upload's magnitude by recent honest ones; ``blown_up`` tells a diverge
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -50,9 +51,24 @@ class Scale(Seen):
         return out
 
 
+def largest(t: torch.Tensor) -> float:
+    """max |t| (0 if empty), read off ``aminmax`` without a copy of |t|."""
+    if not t.numel():
+        return 0.0
+    low, high = t.aminmax()
+    return max(-float(low), float(high))
+
+
+def rms(t: torch.Tensor) -> float:
+    """√(mean t²) (0 if empty), accumulated in float64 without a float64 copy of ``t``."""
+    if not t.numel():
+        return 0.0
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) / math.sqrt(t.numel())
+
+
 def magnitude(msg: Message) -> float | None:
     if isinstance(msg, SmashedData):
-        return float(msg.z.abs().max()) if msg.z.numel() else 0.0
+        return largest(msg.z)
     if isinstance(msg, ProbeScalars):
         return float(msg.values.abs().max()) if msg.values.numel() else 0.0
     return None

@@ -15,7 +15,7 @@ from torch import nn
 from hosfl import devices
 from hosfl.config import Config
 from hosfl.methods.base import Method, make_optimizer
-from hosfl.methods.policy import Caps, Scale, magnitude
+from hosfl.methods.policy import Caps, Scale, magnitude, rms
 from hosfl.methods.replica import Replica, probed
 from hosfl.methods.shard import Shard
 from hosfl.methods.weights import shared_state
@@ -202,8 +202,9 @@ class SplitMethod(Method):
         for cid, msg in smashed.items():
             z = devices.to(msg.z.detach(), here)  # a leaf of its own, not the message's
             z = (z.mul(scale[cid]) if scale[cid] != 1 else z).requires_grad_(True)
-            with devices.seeded(here, self.cfg.seed, 5, cid, step), torch.autocast(
-                here.type, torch.bfloat16, enabled=self.bf16
+            with (
+                devices.seeded(here, self.cfg.seed, 5, cid, step),
+                torch.autocast(here.type, torch.bfloat16, enabled=self.bf16),
             ):
                 loss = self.task.loss(self.model(z), devices.to(msg.y, here))
             loss.backward()
@@ -224,8 +225,7 @@ class SplitMethod(Method):
         caps = self.caps[SmashedData]
         if caps is None:
             return dict.fromkeys(smashed, 1.0)
-        return caps.scales({c: float(m.z.double().square().mean().sqrt()) if m.z.numel() else 0.0
-                            for c, m in smashed.items()})  # fmt: skip
+        return caps.scales({c: rms(m.z) for c, m in smashed.items()})
 
     def server_lr(self, step: int) -> float:
         """The server's rate at ``step``: ``server_lr``, or its cosine decay over the run
