@@ -5,9 +5,9 @@ bounds an upload's magnitude by recent honest ones; ``blown_up`` tells a diverge
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
-import numpy as np
 import torch
 
 from hosfl.protocol import Message, ProbeScalars, SmashedData, finite
@@ -40,7 +40,7 @@ class Scale(Seen):
         pool = self.seen + list(sizes.values())
         out = {}
         if factor and len(pool) >= 3:
-            ref = float(np.median(pool))
+            ref = statistics.median(pool)
             out = {
                 c: f"magnitude {v:.3g} is more than {factor:g}× the median of recent uploads "
                 f"({ref:.3g})"
@@ -100,9 +100,9 @@ class Caps(Seen):
         self.seen: list[float] = []
 
     def cap(self, sizes: list[float]) -> float:
-        cap = self.factor * float(np.median(sizes)) if sizes else float("inf")
+        cap = self.factor * statistics.median(sizes) if sizes else float("inf")
         if len(self.seen) >= self.warmup:
-            cap = min(cap, self.factor * self.history * float(np.median(self.seen)))
+            cap = min(cap, self.factor * self.history * statistics.median(self.seen))
         return cap
 
     def scales(self, sizes: dict[int, float]) -> dict[int, float]:
