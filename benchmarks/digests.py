@@ -1,6 +1,7 @@
 """Is every default run bit-identical to another version's? A digest of a short run of each
-method (and of HO-SFL simulated as one batch, ``hosfl-batched``): the final client and server tensors (weights and buffers), the metrics' losses and
-the journal's rows. Run it on two checkouts and compare the JSON (``--against FILE``).
+method (and of HO-SFL simulated as one batch, ``hosfl-batched``): the final client and server
+tensors (weights and buffers), the metrics' losses and the journal's rows. Run it on two
+checkouts and compare the JSON (``--against FILE``).
 
     OMP_NUM_THREADS=1 python benchmarks/digests.py --out before.json
     OMP_NUM_THREADS=1 python benchmarks/digests.py --against before.json

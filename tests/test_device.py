@@ -97,6 +97,37 @@ def test_a_cpu_run_is_bit_identical_to_the_release_before_devices():
     assert out.stdout.strip() == PINNED
 
 
+def test_a_seeded_block_draws_from_its_key_and_leaves_the_generator_as_it_was():
+    cpu = torch.device("cpu")
+    torch.manual_seed(123)
+    untouched = torch.rand(4)
+    torch.manual_seed(123)
+    draws = []
+    for key in ((0, 5, 2, 7), (0, 5, 2, 7), (0, 5, 3, 7)):
+        with devices.seeded(cpu, *key):
+            draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    with pytest.raises(RuntimeError, match="inside"), devices.seeded(cpu, 1, 2):
+        torch.rand(9)
+        raise RuntimeError("inside")
+    assert torch.equal(torch.rand(4), untouched)  # the blocks took nothing from the stream
+
+
+@CUDA
+def test_a_seeded_cuda_block_keeps_both_generators():
+    gpu = torch.device("cuda")
+    torch.manual_seed(5)
+    cpu_next, gpu_next = torch.rand(2), torch.rand(2, device=gpu)
+    torch.manual_seed(5)
+    with devices.seeded(gpu, 0, 5, 1, 1):
+        inside = torch.rand(2, device=gpu)
+        torch.rand(2)
+    with devices.seeded(gpu, 0, 5, 1, 1):
+        assert torch.equal(torch.rand(2, device=gpu), inside)
+    assert torch.equal(torch.rand(2), cpu_next)
+    assert torch.equal(torch.rand(2, device=gpu), gpu_next)
+
+
 def test_device_names_resolve_or_fail_clearly(small_cfg):
     assert devices.resolve("cpu") == torch.device("cpu")
     assert devices.resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

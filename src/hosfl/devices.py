@@ -94,8 +94,15 @@ def seeded(device: torch.device, *key: int) -> Iterator[None]:
     a forward's randomness is a function of where it is in the run, so two runs of one config
     and a resumed run draw the same masks. The generator's state outside is kept."""
     seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        gen = torch.cuda.default_generators[cuda[0]] if cuda else torch.default_generator
-        gen.manual_seed(seed >> 1)
+    # what torch.random.fork_rng keeps (the CPU's state, and the device's), without its
+    # per-call checks: a server step seeds once per client
+    gens = [torch.default_generator]
+    if device.type == "cuda":
+        gens.append(torch.cuda.default_generators[device.index or 0])
+    kept = [g.get_state() for g in gens]
+    gens[-1].manual_seed(seed >> 1)
+    try:
         yield
+    finally:
+        for g, state in zip(gens, kept, strict=True):
+            g.set_state(state)

@@ -223,6 +223,13 @@ def remembering(memo: Memo) -> Iterator[None]:
         _open.memo = before
 
 
+def simulated() -> bool:
+    """Whether a ``Memo`` is open on this thread: an in-process simulation's client, not a
+    device's and not the memory-metered step, so it may hold a step's directions, or a whole
+    perturbed copy of θ, at once."""
+    return getattr(_open, "memo", None) is not None
+
+
 _TOGETHER = 1 << 16  # parameters up to this size are hashed together by ``prefill``
 
 

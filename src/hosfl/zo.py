@@ -16,8 +16,8 @@ Why perturbed() does not add μu to θ and subtract it again, as MeZO does: (θ 
 (seeds, v̄) log never sees, and replay would stop being bit-exact. Instead each module's
 parameters are swapped for θ + μu only while that module runs (a forward pre-hook) and swapped
 back after it (a forward hook): θ is never written during a probe and the extra memory is the
-parameters of one module. The batched simulation, which measures no device's memory, swaps
-every parameter at once (``at_once``): the same bits without a hook on each module's call.
+parameters of one module. An in-process simulation's client, whose memory is no device's,
+swaps every parameter at once (``at_once``): the same bits without a hook on each module's call.
 """
 
 from __future__ import annotations

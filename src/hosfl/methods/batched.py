@@ -75,7 +75,7 @@ class BatchedProbes(ClientRole):
         values: list[list[float]] = [[] for _ in roles]
         moved: list[list[float]] = [[] for _ in roles]
         for seed in seeds:
-            zp = lead._probe(x, seed, step, at_once=True).split(sizes)
+            zp = lead._probe(x, seed, step).split(sizes)
             for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
                 values[m].append(lead._value(lam, zm, base))
                 if zs:

@@ -52,13 +52,15 @@ class Client(BatchedProbes, ReplicaClient):
         ):
             return self.replica.model(x).float()
 
-    def _probe(self, x: torch.Tensor, seed: int, step: int, at_once: bool = False) -> torch.Tensor:
+    def _probe(self, x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
         """f(x; θ + μu) (finite differences), or μ·J_c u (``estimator=jvp``), u the
-        direction of ``seed`` at ``step``; ``at_once``: θ + μu swapped in whole (simulation)."""
+        direction of ``seed`` at ``step``; in simulation θ + μu is swapped in whole, on a
+        device one module's parameters at a time (the same bits)."""
         cfg, how = self.cfg, self.replica.directions.at(step)
         if cfg.estimator == "jvp":
             return zo.jvp(self.replica.model, x, seed, cfg.mu, how)
-        with zo.perturbed(self.replica.layout, seed, cfg.mu, how, self.bf16, at_once):
+        whole = directions.simulated()
+        with zo.perturbed(self.replica.layout, seed, cfg.mu, how, self.bf16, whole):
             return self._forward(x)
 
     def _value(self, lam: torch.Tensor, probe: torch.Tensor, base: float) -> float:
