@@ -71,19 +71,31 @@ def update_(params, rows, seeds, v, lr, mu, how, per_channel: bool) -> None:
         p.sub_((lr / (len(seeds) * mu) * g).float())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", default="fmnist-cnn")
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--per", choices=("channel", "scalar"), default="channel")
+def screen_args(ap: argparse.ArgumentParser, task: str, lr: float) -> None:
+    """The options every estimator screen takes."""
+    ap.add_argument("--task", default=task)
+    ap.add_argument("--lr", type=float, default=lr, help="the client's SGD rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--eval-every", type=int, default=250)
-    args = ap.parse_args()
+
+
+def screened(args: argparse.Namespace):
+    """HO-SFL's federation for a screen (one torch thread, the averaged server): the config,
+    the federation and the test set."""
     torch.set_num_threads(1)
     cfg = hosfl.Config(task=args.task, method="hosfl", client_lr=args.lr, server_average=0.99,
                        seed=args.seed, steps=args.steps, out="", progress=False)  # fmt: skip
     fed, test, _ = runner.build(cfg)
+    return cfg, fed, test
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    screen_args(ap, "fmnist-cnn", 0.05)
+    ap.add_argument("--per", choices=("channel", "scalar"), default="channel")
+    args = ap.parse_args()
+    cfg, fed, test = screened(args)
     method, replica = fed.server, fed.server.replica
     rows = rows_of_last_module(replica.model)
     evals, start = [], time.perf_counter()
