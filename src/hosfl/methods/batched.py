@@ -72,12 +72,11 @@ class BatchedProbes(ClientRole):
         zs = [p[2] for p in pending] if lead.cfg.zo_lr_rule == "output" else []
         norms = [zo.distance(zm) for zm in zs]
         del pending
-        values: list[list[float]] = [[] for _ in roles]
-        moved: list[list[float]] = [[] for _ in roles]
-        for seed in seeds:
-            zp = lead._probe(x, seed, step).split(sizes)
-            for m, (lam, base, zm) in enumerate(zip(lams, bases, zp, strict=True)):
-                values[m].append(lead._value(lam, zm, base))
-                if zs:
-                    moved[m].append(lead._size(zm, zs[m], norms[m]))
-        return [lead._reply(step, v, r) for v, r in zip(values, moved, strict=True)]
+        # the P probes first, then each client's P projections while its λ is in the cache
+        probes = [lead._probe(x, seed, step).split(sizes) for seed in seeds]
+        replies = []
+        for m, (lam, base) in enumerate(zip(lams, bases, strict=True)):
+            values = [lead._value(lam, zp[m], base) for zp in probes]
+            moved = [lead._size(zp[m], zs[m], norms[m]) for zp in probes] if zs else []
+            replies.append(lead._reply(step, values, moved))
+        return replies
