@@ -279,7 +279,9 @@ def direction(
     return memo.get(key, how.step, lambda: _made(seed, index, like, how), copy)
 
 
-def shifted(seed: int, index: int, like: torch.Tensor, how: Directions, mu: float) -> torch.Tensor:
+def shifted(
+    seed: int, index: int, like: torch.Tensor, how: Directions, mu: float
+) -> torch.Tensor:
     """θ + μu for the parameter ``like`` (θ) as a new tensor: μu built in u's own buffer (one
     parameter-sized temporary), or from the open ``Memo``, where the K clients of a step share
     each μu (the same bits: u·μ then + θ, and a sum does not depend on its order)."""

@@ -51,13 +51,8 @@ class Layout:
         self.owners = [
             (module, own)
             for module in model.modules()
-            if (
-                own := [
-                    (n, p, index[id(p)])
-                    for n, p in module.named_parameters(recurse=False)
-                    if id(p) in index
-                ]
-            )  # fmt: skip
+            if (own := [(n, p, index[id(p)]) for n, p in module.named_parameters(recurse=False)
+                        if id(p) in index])  # fmt: skip
         ]
 
 

@@ -103,6 +103,8 @@ class Client(BatchedProbes, ReplicaClient):
             self._pending = None
             directions.prefill(seeds, self.replica.params, self.replica.directions.at(step))
             lam = devices.to(msg.lam, z.device)
+            if directions.simulated():  # no device's memory: λ in float64 once, not per probe
+                lam = lam.double()
             base = zo.project(lam, z)
             sized = self.cfg.zo_lr_rule == "output"  # keeps f(θ) to size each probe's change
             norm = zo.distance(z) if sized else 0.0
@@ -127,11 +129,8 @@ class HOSFL(SplitMethod):
 
     name = "hosfl"
     seed_synced = True
-    settings = (
-        SplitMethod.settings
-        | ZO_SETTINGS
-        | {"zo_rank", "zo_lazy", "estimator", "client_dtype", "zo_step", "zo_clip", "aggregate"}
-    )
+    settings = SplitMethod.settings | ZO_SETTINGS | {
+        "zo_rank", "zo_lazy", "estimator", "client_dtype", "zo_step", "zo_clip", "aggregate"}
 
     def __init__(self, cfg: Config, client_model: nn.Module, server_model: nn.Module, task):
         super().__init__(cfg, client_model, server_model, task)

@@ -202,9 +202,8 @@ class SplitMethod(Method):
         for cid, msg in smashed.items():
             z = devices.to(msg.z.detach(), here)  # a leaf of its own, not the message's
             z = (z.mul(scale[cid]) if scale[cid] != 1 else z).requires_grad_(True)
-            with (
-                devices.seeded(here, self.cfg.seed, 5, cid, step),
-                torch.autocast(here.type, torch.bfloat16, enabled=self.bf16),
+            with devices.seeded(here, self.cfg.seed, 5, cid, step), torch.autocast(
+                here.type, torch.bfloat16, enabled=self.bf16
             ):
                 loss = self.task.loss(self.model(z), devices.to(msg.y, here))
             loss.backward()
