@@ -212,6 +212,57 @@ def test_batched_and_per_client_runs_reach_the_same_accuracy(small_cfg, tmp_path
     assert results[0].summary["client_peak_bytes"] == results[1].summary["client_peak_bytes"]
 
 
+def _server_steps(small_cfg, wrap, steps=2):
+    """The same uploads through a batched simulation's server and a per-client one, each
+    server part wrapped by ``wrap``: λ, losses and the servers after each step."""
+    feds = [runner.build(small_cfg(simulate=mode, clients=5, sampled=3))[0]
+            for mode in ("batched", "per-client")]  # fmt: skip
+    for f in feds:
+        f.server.model = wrap(f.server.model)
+    out = []
+    for t in range(steps):
+        clients, plan = feds[1].server.plan(t)
+        feds[0].server.plan(t)
+        smashed = {c: feds[1].clients[c].handle(plan) for c in clients}
+        step = [f.server.train(dict(smashed), t) for f in feds]
+        states = [f.server.model.state_dict() for f in feds]
+        out.append((step, states))
+        for c in clients:  # the clients' probes are not what is compared
+            feds[1].clients[c]._pending = None
+        feds[1].server.replica.step += 1  # θ_c as it was: the next step's uploads from it
+    return feds[0].server, out
+
+
+def test_the_batched_server_passes_are_one_where_they_give_the_per_client_lambdas(small_cfg):
+    server, steps = _server_steps(small_cfg, lambda m: m)
+    assert server.together is True  # the CNN's server couples no rows and draws nothing
+    for (together, alone), (ours, theirs) in steps:
+        assert together[0].keys() == alone[0].keys()
+        for c, lam in alone[0].items():
+            scale = float(lam.lam.abs().max())
+            torch.testing.assert_close(together[0][c].lam, lam.lam, rtol=0, atol=1e-5 * scale)
+        assert together[1] == pytest.approx(alone[1], rel=1e-6)
+        for k, v in theirs.items():
+            torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layer", ["dropout", "batchnorm"])
+def test_a_server_that_draws_or_couples_rows_keeps_its_passes_apart_bit_for_bit(small_cfg, layer):
+    def wrap(model):
+        torch.manual_seed(0)
+        first = nn.Dropout(0.3) if layer == "dropout" else nn.BatchNorm2d(32)
+        return nn.Sequential(first, model)
+
+    server, steps = _server_steps(small_cfg, wrap)
+    assert server.together is False
+    for (together, alone), (ours, theirs) in steps:
+        for c, lam in alone[0].items():
+            assert torch.equal(together[0][c].lam, lam.lam)
+        assert together[1] == alone[1]
+        for k, v in theirs.items():  # BatchNorm's statistics too: the check left no trace
+            assert torch.equal(ours[k], v)
+
+
 def test_a_frozen_client_batches_its_forwards_too(small_cfg):
     cfg = small_cfg(method="frozen", clients=4, sampled=3)
     feds = [runner.build(cfg)[0] for _ in range(2)]

@@ -40,6 +40,14 @@ ZO_SETTINGS = frozenset({"P", "mu", "directions", "client_optimizer", "client_lr
                          "zo_lr_scale", "zo_lr_max", "momentum"})  # fmt: skip
 
 
+def _close(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Equal to float rounding: within 10⁻³ of b's largest magnitude (a batch of another size
+    may take another kernel path; a layer that couples rows moves λ by far more)."""
+    if a is None or b is None:
+        return a is b
+    return bool((a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-30) if b.numel() else True
+
+
 class SplitMethod(Method):
     """The server role of the split methods (HO-SFL's, reused by the baselines): sample,
     draw seeds, check every upload (its type, step, shape, values, and its magnitude against
@@ -73,6 +81,9 @@ class SplitMethod(Method):
         }
         # a method whose clients move by (seeds, v̄) sets its Replica here: the record
         self.replica: Any = None
+        # the batched simulation runs the K clients' server passes as one where the server
+        # couples no rows and draws nothing: checked once a process (``_checked``)
+        self.together: bool | None = None if cfg.batched() else False
 
     def stateful(self) -> dict[str, Any]:
         held = {
@@ -190,15 +201,34 @@ class SplitMethod(Method):
 
         Each client's loss is backpropagated on its own so that z_m.grad is exactly ∂ℓ_m/∂z_m
         (the λ of the paper); θ_s's accumulated gradient is then divided by their number.
-        With no admissible batch θ_s is left as it is (loss None)."""
+        In the batched simulation, where the server couples no rows and draws nothing, the K
+        passes are one: the same λ_m and gradient to float rounding. With no admissible batch
+        θ_s is left as it is (loss None)."""
         smashed = self.admit(smashed, step, SmashedData)
         if not smashed:
             return {}, None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        scale = self.bounded(smashed)
+        if self.together is False or len(smashed) == 1:
+            lams, total = self._passes(smashed, scale, step)
+        elif self.together is None:
+            lams, total = self._checked(smashed, scale, step)
+        else:
+            lams, total, _ = self._pass_together(smashed, scale, step)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(len(smashed))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.server_lr(step)
+        self.optimizer.step()
+        self.update_average()
+        return lams, total / len(smashed)
+
+    def _passes(self, smashed: dict[int, Message], scale: dict[int, float], step: int):
+        """Each client's forward and backward on its own: λ_m and the summed loss."""
         lams, total = {}, 0.0
         here = devices.of(self.model)
-        scale = self.bounded(smashed)
         for cid, msg in smashed.items():
             z = devices.to(msg.z.detach(), here)  # a leaf of its own, not the message's
             z = (z.mul(scale[cid]) if scale[cid] != 1 else z).requires_grad_(True)
@@ -210,14 +240,64 @@ class SplitMethod(Method):
             # λ of the client's own z: ∂ℓ/∂z = s·∂ℓ/∂(s·z)
             lams[cid] = CutGradient(msg.step, z.grad if scale[cid] == 1 else z.grad * scale[cid])
             total += loss.item()
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.div_(len(smashed))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.server_lr(step)
-        self.optimizer.step()
-        self.update_average()
-        return lams, total / len(smashed)
+        return lams, total
+
+    def _pass_together(self, smashed: dict[int, Message], scale: dict[int, float], step: int):
+        """The clients' batches as one forward and one backward of Σ_m ℓ_m (each loss on its
+        own rows): λ_m, the summed loss, and whether the pass drew from the generator. None
+        where the server's output cannot be split by rows."""
+        here = devices.of(self.model)
+        cids = list(smashed)
+        zs = [devices.to(smashed[c].z.detach(), here) for c in cids]
+        scaled = [zm.mul(scale[c]) if scale[c] != 1 else zm for c, zm in zip(cids, zs, strict=True)]
+        z = torch.cat(scaled).requires_grad_(True)
+        cuda = here.type == "cuda"
+        gen = torch.cuda.default_generators[here.index or 0] if cuda else torch.default_generator
+        with devices.seeded(here, self.cfg.seed, 6, step), torch.autocast(
+            here.type, torch.bfloat16, enabled=self.bf16
+        ):
+            seeded = gen.get_state()
+            out = self.model(z)
+            if not isinstance(out, torch.Tensor):
+                return None
+            rows = [len(zm) for zm in zs]
+            losses = [self.task.loss(o, devices.to(smashed[c].y, here))
+                      for c, o in zip(cids, out.split(rows), strict=True)]  # fmt: skip
+            drew = not torch.equal(seeded, gen.get_state())
+        sum(losses).backward()
+        lams = {c: CutGradient(step, g if scale[c] == 1 else g * scale[c])
+                for c, g in zip(cids, z.grad.split(rows), strict=True)}  # fmt: skip
+        return lams, sum(loss.item() for loss in losses), drew
+
+    def _checked(self, smashed: dict[int, Message], scale: dict[int, float], step: int):
+        """Once: the clients' passes together and one by one, from the same θ_s and buffers.
+        Together from now on where it drew nothing and gave the same λ_m and gradients to
+        float rounding (a row-coupling layer such as BatchNorm, or dropout, does not); the
+        step keeps the passes' results its choice gives, so a resumed run, which checks again,
+        takes the same bits."""
+        params = list(self.model.parameters())
+        buffers = list(self.model.buffers())
+        start = [b.detach().clone() for b in buffers]
+        together = self._pass_together(smashed, scale, step)
+        if together is not None:
+            grads = [None if p.grad is None else p.grad.clone() for p in params]
+            after = [b.detach().clone() for b in buffers]
+            with torch.no_grad():
+                for b, v in zip(buffers, start, strict=True):
+                    b.copy_(v)
+            self.optimizer.zero_grad(set_to_none=True)
+        lams, total = self._passes(smashed, scale, step)
+        self.together = together is not None and not together[2] and all(
+            _close(together[0][c].lam, lams[c].lam) for c in lams
+        ) and all(_close(g, p.grad) for g, p in zip(grads, params, strict=True))  # fmt: skip
+        if not self.together:
+            return lams, total
+        with torch.no_grad():
+            for b, v in zip(buffers, after, strict=True):
+                b.copy_(v)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        return together[0], together[1]
 
     def bounded(self, smashed: dict[int, Message]) -> dict[int, float]:
         """Each client's smashed-data scale under ``smashed_bound`` (1 where it is off)."""
