@@ -87,6 +87,13 @@ def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def generator(device: torch.device) -> torch.Generator:
+    """torch's default generator on ``device``: what dropout and other random layers draw from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or 0]
+    return torch.default_generator
+
+
 @contextmanager
 def seeded(device: torch.device, *key: int) -> Iterator[None]:
     """Within the block, torch's generator on ``device`` (what dropout and other random layers
@@ -96,9 +103,7 @@ def seeded(device: torch.device, *key: int) -> Iterator[None]:
     seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
     # what torch.random.fork_rng keeps (the CPU's state, and the device's), without its
     # per-call checks: a server step seeds once per client
-    gens = [torch.default_generator]
-    if device.type == "cuda":
-        gens.append(torch.cuda.default_generators[device.index or 0])
+    gens = list(dict.fromkeys([torch.default_generator, generator(device)]))
     kept = [g.get_state() for g in gens]
     gens[-1].manual_seed(seed >> 1)
     try:

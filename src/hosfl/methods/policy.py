@@ -70,7 +70,7 @@ def magnitude(msg: Message) -> float | None:
     if isinstance(msg, SmashedData):
         return largest(msg.z)
     if isinstance(msg, ProbeScalars):
-        return float(msg.values.abs().max()) if msg.values.numel() else 0.0
+        return largest(msg.values)
     return None
 
 

@@ -48,6 +48,12 @@ def _close(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return bool((a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-30) if b.numel() else True
 
 
+@torch.no_grad()
+def _load(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    for b, v in zip(buffers, values, strict=True):
+        b.copy_(v)
+
+
 class SplitMethod(Method):
     """The server role of the split methods (HO-SFL's, reused by the baselines): sample,
     draw seeds, check every upload (its type, step, shape, values, and its magnitude against
@@ -251,8 +257,7 @@ class SplitMethod(Method):
         zs = [devices.to(smashed[c].z.detach(), here) for c in cids]
         scaled = [zm.mul(scale[c]) if scale[c] != 1 else zm for c, zm in zip(cids, zs, strict=True)]
         z = torch.cat(scaled).requires_grad_(True)
-        cuda = here.type == "cuda"
-        gen = torch.cuda.default_generators[here.index or 0] if cuda else torch.default_generator
+        gen = devices.generator(here)
         with devices.seeded(here, self.cfg.seed, 6, step), torch.autocast(
             here.type, torch.bfloat16, enabled=self.bf16
         ):
@@ -279,22 +284,18 @@ class SplitMethod(Method):
         buffers = list(self.model.buffers())
         start = [b.detach().clone() for b in buffers]
         together = self._pass_together(smashed, scale, step)
-        if together is not None:
-            grads = [None if p.grad is None else p.grad.clone() for p in params]
-            after = [b.detach().clone() for b in buffers]
-            with torch.no_grad():
-                for b, v in zip(buffers, start, strict=True):
-                    b.copy_(v)
-            self.optimizer.zero_grad(set_to_none=True)
+        grads = [p.grad for p in params]  # kept as they are: the passes below make new ones
+        after = [b.detach().clone() for b in buffers]
+        _load(buffers, start)  # the passes one by one from where the pass together began
+        for p in params:
+            p.grad = None
         lams, total = self._passes(smashed, scale, step)
         self.together = together is not None and not together[2] and all(
             _close(together[0][c].lam, lams[c].lam) for c in lams
         ) and all(_close(g, p.grad) for g, p in zip(grads, params, strict=True))  # fmt: skip
         if not self.together:
             return lams, total
-        with torch.no_grad():
-            for b, v in zip(buffers, after, strict=True):
-                b.copy_(v)
+        _load(buffers, after)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         return together[0], together[1]
