@@ -26,6 +26,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from hosfl.compare import mean_sd
+from hosfl.config import Config
 from hosfl.metrics.plots import load_run
 
 OUT = Path("benchmarks/results/findings")
@@ -34,36 +35,41 @@ SEEDS = (0, 1, 2)
 TASKS = [
     ("fmnist-cnn", "conv2", []),
     ("fmnist-cnn-wide", "conv2", []),
-    ("sentiment-minilm", "encoder.1", ["partition=by-source"]),
+    ("sentiment-minilm", "encoder.3", ["partition=by-source"]),
     ("sentiment-minilm", "encoder.5", ["partition=by-source"]),
     ("fmnist-effnet", "blocks.2", []),
     ("fmnist-effnet", "conv_head", []),
 ]
 SERVER = ("frozen", "sfl-v1", "hosfl")
-# (name, settings, the tasks it runs on (all when empty)): the baselines, today's HO-SFL, and
-# the variants under test
+CONST = "server_average=0"  # the server as it was before the averaged default: θ_s evaluated
+# (name, settings, the tasks it runs on (all when empty)): the baselines and HO-SFL as they
+# are by default (the server's average evaluated, β from the run's length), the same before
+# that default (-const), and the variants screened then (with the constant server, as recorded)
 METHODS = [
     ("frozen", ["method=frozen"], ()),
     ("sfl-v1", ["method=sfl-v1"], ()),
     ("hosfl", ["method=hosfl"], ()),
-    ("hosfl-clip3", ["method=hosfl", "zo_clip=3"], ()),
-    ("hosfl-jvp", ["method=hosfl", "estimator=jvp"], ()),
-    ("hosfl-lora", ["method=hosfl", "lora=client"], ("sentiment-minilm",)),
-    ("hosfl-out", ["method=hosfl", "zo_lr_rule=output"], ()),
-    ("hosfl-lora-out", ["method=hosfl", "lora=client", "zo_lr_rule=output"], ("sentiment-minilm",)),
+    *((f"{n}-const", [f"method={n}", CONST], ()) for n in SERVER),
+    ("hosfl-clip3", ["method=hosfl", "zo_clip=3", CONST], ()),
+    ("hosfl-jvp", ["method=hosfl", "estimator=jvp", CONST], ()),
+    ("hosfl-lora", ["method=hosfl", "lora=client", CONST], ("sentiment-minilm",)),
+    ("hosfl-out", ["method=hosfl", "zo_lr_rule=output", CONST], ()),
+    ("hosfl-lora-out", ["method=hosfl", "lora=client", "zo_lr_rule=output", CONST],
+     ("sentiment-minilm",)),
     # ZO-Adam at a rate for a model trained from scratch and one for a pretrained encoder
     ("hosfl-adam", ["method=hosfl", "client_optimizer=adam", "zo_lr_rule=fixed",
-                    "client_lr=1e-3"], ("fmnist-cnn", "fmnist-cnn-wide")),
+                    "client_lr=1e-3", CONST], ("fmnist-cnn", "fmnist-cnn-wide")),
     ("hosfl-adam", ["method=hosfl", "client_optimizer=adam", "zo_lr_rule=fixed",
-                    "client_lr=1e-5"], ("sentiment-minilm", "fmnist-effnet")),
-    ("hosfl-lowrank", ["method=hosfl", "directions=lowrank"], ()),
-    ("hosfl-lowrank-out", ["method=hosfl", "directions=lowrank", "zo_lr_rule=output"], ()),
-    # the server's rate decayed (cosine), or its weights averaged for evaluation, under every
-    # method: the gain is against the frozen client and SplitFed V1 with the same server
-    *((f"{n}-cos", [f"method={n}", "server_schedule=cosine"], ()) for n in SERVER),
+                    "client_lr=1e-5", CONST], ("sentiment-minilm", "fmnist-effnet")),
+    ("hosfl-lowrank", ["method=hosfl", "directions=lowrank", CONST], ()),
+    ("hosfl-lowrank-out", ["method=hosfl", "directions=lowrank", "zo_lr_rule=output", CONST], ()),
+    # the server's rate decayed (cosine), or its weights averaged at β = 0.99 for evaluation,
+    # under every method: the gain is against the frozen client and SplitFed V1 with the same
+    # server
+    *((f"{n}-cos", [f"method={n}", "server_schedule=cosine", CONST], ()) for n in SERVER),
     *((f"{n}-avg", [f"method={n}", "server_average=0.99"], ()) for n in SERVER),
 ]
-SERVER_SUFFIXES = ("-cos", "-avg")
+SERVER_SUFFIXES = ("-const", "-cos", "-avg")
 
 
 def folder(task: str, cut: str, name: str, seed: int) -> Path:
@@ -110,7 +116,7 @@ def table() -> str:
     ]
     for task, cut, _ in TASKS:
         finals: dict[str, list[float]] = {}
-        for name, _settings, only_on in METHODS:
+        for name, settings, only_on in METHODS:
             if only_on and task not in only_on:
                 continue
             done = [folder(task, cut, name, s) for s in SEEDS]
@@ -127,7 +133,9 @@ def table() -> str:
                 drop = max([drop, *(100 * (a - b) for a, b in pairwise(later))])
             finals[name] = final
             gain = "–"
-            same = next((x for x in SERVER_SUFFIXES if name.endswith(x)), "")
+            # against the baselines with the same server
+            const = "-const" if CONST in settings else ""
+            same = next((x for x in SERVER_SUFFIXES if name.endswith(x)), const)
             frozen, sfl = f"frozen{same}", f"sfl-v1{same}"
             if name not in (frozen, sfl) and {frozen, sfl} <= finals.keys():
                 lo, hi = statistics.mean(finals[frozen]), statistics.mean(finals[sfl])
@@ -183,8 +191,10 @@ def blame(run_folder: Path, step: int) -> str:
     for at in (step - 1, step):
         out = OUT / "blame" / f"{run_folder.name}-step{at}"
         if not (out / "summary.json").exists():
+            # the run's own β: a default one follows the number of steps
+            beta = Config.load(run_folder / "config.toml").average_beta()
             args = ["run", "--config", str(run_folder / "config.toml"), f"steps={at}",
-                    "progress=false", f"out={out}"]  # fmt: skip
+                    f"server_average={beta}", "progress=false", f"out={out}"]  # fmt: skip
             subprocess.run([sys.executable, "-m", "hosfl.cli", *args], env=env, check=True,
                            stdout=subprocess.DEVNULL)  # fmt: skip
         parts[at] = load_models(checkpoint.load(out / "checkpoint.pt"))

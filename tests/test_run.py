@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import journal_entries as _journal
 
+import hosfl
 from hosfl import checkpoint, engines, zo
 from hosfl.data import partition
 from hosfl.engines import local
@@ -220,9 +221,15 @@ def test_a_server_average_changes_what_is_evaluated_and_nothing_that_is_trained(
     }
     plain, averaged = runs[0.0], runs[0.9]
     assert _journal(plain.out) == _journal(averaged.out)  # training never sees the average
-    pairs = zip(plain.server_model.parameters(), averaged.server_model.parameters(), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
+    trained = [checkpoint.load(r.out / "checkpoint.pt")["server"] for r in runs.values()]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    assert not torch.equal(*(next(r.server_model.parameters()) for r in runs.values()))
     assert plain.accuracy != averaged.accuracy  # the evaluated server is another one
     assert evaluate_checkpoint(averaged.out / "checkpoint.pt")[0] == averaged.accuracy
     with pytest.raises(ValueError, match="server_average"):
         small_cfg(server_average=1.0)
+    # the default: β from the run's length, a time constant of a fifteenth of the run
+    assert hosfl.Config().server_average == -1 and hosfl.Config().average_beta() == 0.99
+    assert hosfl.Config(steps=300).average_beta() == 0.95
+    assert hosfl.Config(steps=15).average_beta() == 0.0  # too short: off
+    assert hosfl.Config(steps=300, server_average=0.5).average_beta() == 0.5

@@ -60,7 +60,7 @@ class RunResult:
     wall_s: float
     ledger: ByteLedger
     client_model: nn.Module
-    server_model: nn.Module
+    server_model: nn.Module  # what the metric ran (the server's average where kept)
     summary: dict
 
     @property
@@ -215,7 +215,7 @@ def _train(
     diverged = summary["diverged_at"]
     done = diverged - 1 if diverged else summary["stopped_at"] or cfg.steps
     return RunResult(out, summary[metric_key(summary["metric"])], done, summary["wall_s"],
-                     ledger, fed.client_model, fed.server_model, summary)  # fmt: skip
+                     ledger, fed.client_model, fed.server.evaluated_server, summary)  # fmt: skip
 
 
 def _initial(cfg: Config, fed: Federation) -> dict:

@@ -72,7 +72,7 @@ class SplitMethod(Method):
         # ``server_average``: an exponential average of θ_s, what evaluations run; training,
         # λ and the journal never see it
         self.averaged = (
-            copy.deepcopy(server_model).requires_grad_(False) if cfg.server_average else None
+            copy.deepcopy(server_model).requires_grad_(False) if cfg.average_beta() else None
         )
         self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
         self.bf16 = cfg.server_dtype == "bfloat16"  # z and λ stay float32
@@ -119,11 +119,11 @@ class SplitMethod(Method):
 
     @torch.no_grad()
     def update_average(self) -> None:
-        """a ← β·a + (1 − β)·θ_s (β = ``server_average``); buffers (BatchNorm statistics)
-        are copied: they are already running averages."""
+        """a ← β·a + (1 − β)·θ_s (β: ``Config.average_beta``); buffers (BatchNorm
+        statistics) are copied: they are already running averages."""
         if self.averaged is None:
             return
-        beta = self.cfg.server_average
+        beta = self.cfg.average_beta()
         for a, p in zip(self.averaged.parameters(), self.model.parameters(), strict=True):
             a.mul_(beta).add_(p, alpha=1 - beta)
         for a, b in zip(self.averaged.buffers(), self.model.buffers(), strict=True):
