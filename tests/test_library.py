@@ -360,9 +360,10 @@ def test_hosfl_export_of_a_built_in_task_writes_the_whole_models_state_dict(smal
     import subprocess
     import sys
 
+    from hosfl import checkpoint
     from hosfl.tasks import get
 
-    result = hosfl.run(small_cfg(steps=10), log=lambda *a: None)
+    result = hosfl.run(small_cfg(steps=20), log=lambda *a: None)  # the server averaged, β 0.25
     command = [sys.executable, "-m", "hosfl.cli", "export", str(result.out), "--out",
                str(tmp_path / "m")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
@@ -374,6 +375,9 @@ def test_hosfl_export_of_a_built_in_task_writes_the_whole_models_state_dict(smal
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(whole.eval()(x), result.server_model(result.client_model(x)))
+        # the export is the evaluated server, the average, not the last trained weights
+        whole.load_state_dict({**state, **checkpoint.load(result.out / "checkpoint.pt")["server"]})
+        assert not torch.allclose(whole(x), result.server_model(result.client_model(x)))
 
 
 def test_a_refused_cut_says_what_crosses_it_in_the_users_words():
