@@ -52,6 +52,8 @@ METHODS = [
     *((f"{n}-const", [f"method={n}", CONST], ()) for n in SERVER),
     # the wide CNN at 50·P/d_c (0.024) instead of the fixed 0.05 (the default CNN's rule gives 0.05)
     ("hosfl-dim", ["method=hosfl", "zo_lr_rule=dimension"], ("fmnist-cnn-wide",)),
+    # the rate from how far the probes move the cut layer, with the default (averaged) server
+    ("hosfl-output", ["method=hosfl", "zo_lr_rule=output"], ()),
     ("hosfl-clip3", ["method=hosfl", "zo_clip=3", CONST], ()),
     ("hosfl-jvp", ["method=hosfl", "estimator=jvp", CONST], ()),
     ("hosfl-lora", ["method=hosfl", "lora=client", CONST], ("sentiment-minilm",)),
