@@ -233,3 +233,6 @@ def test_a_server_average_changes_what_is_evaluated_and_nothing_that_is_trained(
     assert hosfl.Config(steps=300).average_beta() == 0.95
     assert hosfl.Config(steps=15).average_beta() == 0.0  # too short: off
     assert hosfl.Config(steps=300, server_average=0.5).average_beta() == 0.5
+    # a zeroth-order server (zo-sfl) keeps no average: it is evaluated as trained
+    assert build(small_cfg(method="zo-sfl", steps=300))[0].server.averaged is None
+    assert build(small_cfg(method="hosl", steps=300))[0].server.averaged is not None

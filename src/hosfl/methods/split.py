@@ -70,10 +70,9 @@ class SplitMethod(Method):
             cfg.server_optimizer, server_model.parameters(), cfg.server_lr, cfg.momentum
         )
         # ``server_average``: an exponential average of θ_s, what evaluations run; training,
-        # λ and the journal never see it
-        self.averaged = (
-            copy.deepcopy(server_model).requires_grad_(False) if cfg.average_beta() else None
-        )
+        # λ and the journal never see it (a method whose server steps otherwise keeps none)
+        averages = "server_average" in self.settings and cfg.average_beta()
+        self.averaged = copy.deepcopy(server_model).requires_grad_(False) if averages else None
         self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
         self.bf16 = cfg.server_dtype == "bfloat16"  # z and λ stay float32
         self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
