@@ -8,6 +8,7 @@ from torch import nn
 from hosfl import directions as d
 from hosfl import runner
 from hosfl.methods.hosfl import HOSFL
+from hosfl.metrics.memory import LiveTensorMeter
 from hosfl.replay import replay_run
 from hosfl.tasks.fmnist_cnn import MaxPool2d
 
@@ -28,6 +29,15 @@ def test_the_cnns_pooling_gives_the_librarys_values_and_gradients_ties_and_nan_i
         (pool(leaf) * weights).sum().backward()
         grads.append(leaf.grad)
     assert torch.equal(*grads)
+    # what the backward keeps: the maxima's indices, as the library's pooling, not the
+    # channels-last copy of the input (a backprop client would pay it in peak memory)
+    kept = []
+    for pool in (ours, theirs):
+        leaf = torch.randn(8, 16, 28, 28, generator=g).requires_grad_(True)
+        with LiveTensorMeter() as meter:
+            out = pool(leaf)
+        kept.append(meter.current - out.nbytes)
+    assert kept[0] == kept[1] == 8 * 16 * 14 * 14 * 8  # int64 indices, one per output
 
 
 def test_a_steps_directions_made_once_are_the_bits_made_anew_and_the_memo_stays_bounded():
