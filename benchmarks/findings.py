@@ -119,31 +119,35 @@ def table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for task, cut, _ in TASKS:
-        finals: dict[str, list[float]] = {}
+        finals: dict[str, dict[int, float]] = {}  # name -> seed -> final accuracy
         for name, settings, only_on in METHODS:
             if only_on and task not in only_on:
                 continue
-            done = [folder(task, cut, name, s) for s in SEEDS]
-            done = [f for f in done if (f / "summary.json").exists()]
+            done = {s: folder(task, cut, name, s) for s in SEEDS}
+            done = {s: f for s, f in done.items() if (f / "summary.json").exists()}
             if not done:
                 continue
             final, last3, drop = [], [], 0.0
-            for f in done:
+            for f in done.values():
                 evals = _evals(f)
                 steps = json.loads((f / "summary.json").read_text())["steps"]
                 final.append(evals[-1][1])
                 last3.append(statistics.mean(a for _, a in evals[-3:]))
                 later = [a for s, a in evals if s >= steps / 4]
                 drop = max([drop, *(100 * (a - b) for a, b in pairwise(later))])
-            finals[name] = final
+            finals[name] = dict(zip(done, final, strict=True))
             gain = "–"
             # against the baselines with the same server
             const = "-const" if CONST in settings else ""
             same = next((x for x in SERVER_SUFFIXES if name.endswith(x)), const)
             frozen, sfl = f"frozen{same}", f"sfl-v1{same}"
-            if name not in (frozen, sfl) and {frozen, sfl} <= finals.keys():
-                lo, hi = statistics.mean(finals[frozen]), statistics.mean(finals[sfl])
-                gain = f"{(statistics.mean(final) - lo) / (hi - lo):.2f}" if hi - lo else "–"
+            # against the baselines' means over the same seeds; none where SplitFed V1 does
+            # not beat the frozen client
+            seeds = done.keys() & finals.get(frozen, {}).keys() & finals.get(sfl, {}).keys()
+            if name not in (frozen, sfl) and seeds:
+                lo, hi, got = (statistics.mean(finals[n][s] for s in seeds)
+                               for n in (frozen, sfl, name))  # fmt: skip
+                gain = f"{(got - lo) / (hi - lo):.2f}" if hi > lo else "–"
             lines.append(
                 f"| {task}, {cut} | {name} | {len(done)} | {mean_sd(final)} | {mean_sd(last3)} | "
                 f"{gain} | {drop:.1f} |"
