@@ -71,8 +71,8 @@ class SplitMethod(Method):
         )
         # ``server_average``: an exponential average of θ_s, what evaluations run; training,
         # λ and the journal never see it (a method whose server steps otherwise keeps none)
-        averages = "server_average" in self.settings and cfg.average_beta()
-        self.averaged = copy.deepcopy(server_model).requires_grad_(False) if averages else None
+        self.beta = cfg.average_beta() if "server_average" in self.settings else 0.0
+        self.averaged = copy.deepcopy(server_model).requires_grad_(False) if self.beta else None
         self.z_shape: tuple[int, ...] | None = None  # set by ``expect_cut``
         self.bf16 = cfg.server_dtype == "bfloat16"  # z and λ stay float32
         self.scales = {SmashedData: Scale(), ProbeScalars: Scale()}
@@ -122,9 +122,8 @@ class SplitMethod(Method):
         statistics) are copied: they are already running averages."""
         if self.averaged is None:
             return
-        beta = self.cfg.average_beta()
         for a, p in zip(self.averaged.parameters(), self.model.parameters(), strict=True):
-            a.mul_(beta).add_(p, alpha=1 - beta)
+            a.mul_(self.beta).add_(p, alpha=1 - self.beta)
         for a, b in zip(self.averaged.buffers(), self.model.buffers(), strict=True):
             a.copy_(b)
 
