@@ -5,6 +5,7 @@ task and cut the client estimator is judged on, three seeds each, evaluated ever
     python benchmarks/findings.py table               # the Markdown table from the run folders
     python benchmarks/findings.py blame FOLDER STEP   # which side's step made an evaluation fall
     python benchmarks/findings.py swings TASK CUT     # do the methods' evaluations swing alike
+    python benchmarks/findings.py same TASK CUT       # is the default (lesser) hosfl-dim here
 
 Runs are written to benchmarks/results/findings/<task>-<cut>-<name>-seed<S> (a started folder,
 client_init.pt, without a summary is resumed; a finished one is skipped), each on one torch
@@ -50,13 +51,22 @@ METHODS = [
     ("sfl-v1", ["method=sfl-v1"], ()),
     ("hosfl", ["method=hosfl"], ()),
     *((f"{n}-const", [f"method={n}", CONST], ()) for n in SERVER),
-    # the wide CNN at 50·P/d_c (0.024) instead of the fixed 0.05 (the default CNN's rule gives 0.05)
-    ("hosfl-dim", ["method=hosfl", "zo_lr_rule=dimension"], ("fmnist-cnn-wide",)),
+    # the rate 50·P/d_c: on the wide CNN 0.024 instead of the fixed 0.05; on the pretrained
+    # tasks their default before zo_lr_rule=lesser
+    ("hosfl-dim", ["method=hosfl", "zo_lr_rule=dimension"], ()),
     # the rate from how far the probes move the cut layer, with the default (averaged) server
     ("hosfl-output", ["method=hosfl", "zo_lr_rule=output"], ()),
+    ("hosfl-lora", ["method=hosfl", "lora=client"], ("sentiment-minilm",)),
+    ("hosfl-lora-output", ["method=hosfl", "lora=client", "zo_lr_rule=output"],
+     ("sentiment-minilm",)),
+    # issue 26 item 3: how many steps the zeroth-order client needs at a deep cut
+    ("hosfl-3000", ["method=hosfl", "steps=3000"], ("sentiment-minilm",)),
+    ("hosfl-lora-3000", ["method=hosfl", "lora=client", "steps=3000"], ("sentiment-minilm",)),
+    ("hosfl-output-3000", ["method=hosfl", "zo_lr_rule=output", "steps=3000"],
+     ("sentiment-minilm",)),
     ("hosfl-clip3", ["method=hosfl", "zo_clip=3", CONST], ()),
     ("hosfl-jvp", ["method=hosfl", "estimator=jvp", CONST], ()),
-    ("hosfl-lora", ["method=hosfl", "lora=client", CONST], ("sentiment-minilm",)),
+    ("hosfl-lora-const", ["method=hosfl", "lora=client", CONST], ("sentiment-minilm",)),
     ("hosfl-out", ["method=hosfl", "zo_lr_rule=output", CONST], ()),
     ("hosfl-lora-out", ["method=hosfl", "lora=client", "zo_lr_rule=output", CONST],
      ("sentiment-minilm",)),
@@ -218,11 +228,48 @@ def blame(run_folder: Path, step: int) -> str:
     return "\n".join(lines)
 
 
+def same(task: str, cut: str, steps: int = 25) -> str:
+    """Whether HO-SFL's default rate rule on a pretrained task (``zo_lr_rule=lesser``) is the
+    dimension rule there, seed by seed: the default is run for ``steps`` steps (past the rule's
+    20-step warm-up, after which its rate never changes) and its journal compared with the
+    ``hosfl-dim`` run's first ``steps`` entries; with its final rate equal to the dimension
+    rule's, the two runs take the same steps to the end."""
+    from hosfl.journal import Journal
+
+    def entries(out: Path) -> list:
+        journal = Journal(out / "journal.sqlite", create=False)
+        rows = [(s.tolist(), v.tolist()) for s, v in journal.entries(0, steps)]
+        journal.close()
+        return rows
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = next(e for t, c, e in TASKS if (t, c) == (task, cut))
+    lines = [f"{task}, {cut}: the default (lesser) against hosfl-dim, first {steps} steps",
+             "| seed | journals | rate, default | rate, hosfl-dim | the same run |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for seed in SEEDS:
+        dim = folder(task, cut, "hosfl-dim", seed)
+        if not (dim / "summary.json").exists():
+            continue
+        out = OUT / "same" / f"{task}-{cut}-seed{seed}"
+        if not (out / "summary.json").exists():
+            args = ["run", *command(task, cut, extra, ["method=hosfl"], seed), f"steps={steps}",
+                    "eval_every=0", f"out={out}"]  # fmt: skip
+            subprocess.run([sys.executable, "-m", "hosfl.cli", *args], env=env, check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+        rates = [json.loads((f / "summary.json").read_text())["client_lr"] for f in (out, dim)]
+        alike = entries(out) == entries(dim)
+        lines.append(f"| {seed} | {'identical' if alike else 'differ'} | {rates[0]:.3g} | "
+                     f"{rates[1]:.3g} | {'yes' if alike and rates[0] == rates[1] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "table", "blame", "swings"))
-    ap.add_argument("folder", nargs="?", help="blame: a run folder; swings: a task")
-    ap.add_argument("step", nargs="?", help="blame: the step after which it fell; swings: a cut")
+    ap.add_argument("what", choices=("run", "table", "blame", "swings", "same"))
+    ap.add_argument("folder", nargs="?", help="blame: a run folder; swings, same: a task")
+    ap.add_argument("step", nargs="?",
+                    help="blame: the step after which it fell; swings, same: a cut")  # fmt: skip
     ap.add_argument("--only", default="", help="only the runs whose folder name contains this")
     args = ap.parse_args()
     if args.what == "run":
@@ -232,13 +279,13 @@ def main() -> None:
         print("\ncommand: python benchmarks/findings.py table "
               "(runs: python benchmarks/findings.py run)")  # fmt: skip
     elif args.folder is None or args.step is None:
-        ap.error(f"{args.what} needs two arguments (blame: FOLDER STEP, swings: TASK CUT)")
+        ap.error(f"{args.what} needs two arguments (blame: FOLDER STEP, swings, same: TASK CUT)")
     elif args.what == "blame":
         print(blame(Path(args.folder), int(args.step)))
         print(f"\ncommand: python benchmarks/findings.py blame {args.folder} {args.step}")
     else:
-        print(swings(args.folder, args.step))
-        print(f"\ncommand: python benchmarks/findings.py swings {args.folder} {args.step}")
+        print((swings if args.what == "swings" else same)(args.folder, args.step))
+        print(f"\ncommand: python benchmarks/findings.py {args.what} {args.folder} {args.step}")
 
 
 if __name__ == "__main__":

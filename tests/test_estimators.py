@@ -1,6 +1,7 @@
 """The client's zeroth-order step: ``zo_clip`` bounds what one outlier step can do to θ_c;
 ``estimator=jvp`` computes the probe scalar exactly by forward-mode differentiation;
-``zo_lr_rule=output`` sets the rate from how far the probes move the cut layer;
+``zo_lr_rule=output`` sets the rate from how far the probes move the cut layer, ``lesser``
+at most the dimension rule's;
 ``directions=lowrank`` draws each matrix's direction in a rank-r basis kept for ``zo_lazy``
 steps. All replay bit for bit from the journal."""
 
@@ -225,6 +226,45 @@ def test_the_output_rule_moves_the_cut_layer_by_about_its_target(small_cfg):
 
 
 @pytest.mark.parametrize(
+    "settings, same_as",
+    [
+        # the probes would allow 100× the target: the dimension rule's 5·P/d_c binds
+        (dict(zo_step=100.0, zo_lr_scale=5.0), "dimension"),
+        # the dimension rule allows the first-order rate: the probes' (smaller) rate binds
+        (dict(zo_step=0.5, zo_lr_scale=1e6), "output"),
+    ],
+)
+def test_the_lesser_rule_steps_at_the_smaller_of_the_two_rules(small_cfg, tmp_path, settings,
+                                                                 same_as):
+    runs = {}
+    for rule in ("lesser", same_as):
+        cfg = small_cfg(zo_lr_rule=rule, steps=25, eval_every=25, out=str(tmp_path / rule),
+                        **settings)  # fmt: skip
+        runs[rule] = run(cfg, log=lambda *a: None)
+    lesser, other = (json.loads((runs[r].out / "summary.json").read_text())["client_lr"]
+                     for r in runs)  # fmt: skip
+    assert lesser == other and journal_entries(runs["lesser"].out) == journal_entries(
+        runs[same_as].out)  # fmt: skip
+    if same_as == "dimension":
+        assert lesser == pytest.approx(5.0 * 3 / 4800)  # P = 3, d_c = 4 800
+    else:
+        assert 0 < lesser < small_cfg().client_lr
+    assert replay_run(runs["lesser"].out).identical
+
+
+@pytest.mark.parametrize("method", ["hosl", "zo-sfl", "zo-fl"])
+def test_the_lesser_rule_is_the_dimension_rule_for_methods_without_probe_sizes(small_cfg,
+                                                                                method):
+    cfg = small_cfg(method=method, zo_lr_rule="lesser", zo_lr_scale=5.0)
+    METHODS[method].check(cfg)
+    as_dimension = build(small_cfg(method=method, zo_lr_rule="dimension", zo_lr_scale=5.0))[0]
+    lesser = build(cfg)[0]
+    assert lesser.server.client_lr == as_dimension.server.client_lr
+    assert lesser.server.record.optimizer.param_groups[0]["lr"] == (
+        as_dimension.server.record.optimizer.param_groups[0]["lr"]) < cfg.client_lr  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "bad, reason",
     [
         (lambda v: ProbeScalars(0, v), "expected the probes' sizes"),
@@ -250,6 +290,7 @@ def test_the_output_rule_drops_a_client_without_valid_sizes(small_cfg, bad, reas
     "settings, message",
     [
         (dict(zo_lr_rule="output", client_optimizer="adam"), "client_optimizer=sgd"),
+        (dict(zo_lr_rule="lesser", client_optimizer="adam"), "client_optimizer=sgd"),
         (dict(zo_lr_rule="output", method="sfl-v1"), "method=sfl-v1 does not use zo_lr_rule"),
         (dict(zo_step=0.0), "zo_step"),
         (dict(directions="lowrank", method="zo-fl"), "zo-fl cannot run with directions='lowrank'"),

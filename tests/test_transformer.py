@@ -301,7 +301,7 @@ def test_the_real_minilm_cut_by_its_layer_names_is_the_built_in_task_at_every_cu
 
     data = (ids, torch.zeros(len(ids), dtype=torch.long))
     assert hosfl.ModelTask(model, cut=1, train=data, test=data).defaults["zo_lr_rule"] == (
-        task.defaults["zo_lr_rule"]) == "dimension"  # fmt: skip
+        task.defaults["zo_lr_rule"]) == "lesser"  # fmt: skip
     fresh = tf.BertForSequenceClassification(tf.BertConfig(
         vocab_size=99, num_labels=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=37, pad_token_id=0))  # fmt: skip

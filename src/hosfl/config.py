@@ -33,7 +33,9 @@ TRACKERS = ("tensorboard", "mlflow")
 AGGREGATES = ("mean", "median", "trimmed", "clipped", "bounded")
 LORA = ("none", "client", "server", "both")
 CUT_DTYPES = ("float32", "bfloat16", "int8")  # protocol.CUT_DTYPES (config imports no torch)
-LR_RULES = ("fixed", "dimension", "output")
+LR_RULES = ("fixed", "dimension", "output", "lesser")
+# the rules that size HO-SFL's step from how far its probes move the cut layer
+SIZED_RULES = ("output", "lesser")
 SIMULATE = ("auto", "batched", "per-client")
 # server_average=-1: the average's time constant is the run's length over this (100 steps of
 # the 1 500-step runs where β = 0.99 was measured best, docs/FINDINGS.md)
@@ -100,16 +102,20 @@ class Config:
     )
     zo_lr_rule: str = _f(
         "fixed",
-        "zeroth-order client lr: fixed (client_lr), dimension (zo_lr_scale·P/d_c, <= client_lr) "
-        "or output (set from the first 20 steps so that a step changes the cut layer's output "
-        "by zo_step·√(P/d_c) of its size, <= client_lr; hosfl with SGD)",
+        "zeroth-order client lr: fixed (client_lr), dimension (zo_lr_scale·P/d_c, <= client_lr), "
+        "output (set from the first 20 steps so that a step changes the cut layer's output "
+        "by zo_step·√(P/d_c) of its size, <= client_lr; hosfl with SGD) or lesser (hosfl: the "
+        "smaller of output's and dimension's; the other methods: dimension's)",
     )
     zo_step: float = _f(
-        2.0, "zo_lr_rule=output: c in the step's relative change of the cut layer, c·√(P/d_c)"
+        2.0,
+        "zo_lr_rule=output or lesser: c in the step's relative change of the cut layer, "
+        "c·√(P/d_c)",
     )
-    zo_lr_scale: float = _f(50.0, "zo_lr_rule=dimension: the constant c of c·P/d_c")
+    zo_lr_scale: float = _f(50.0, "zo_lr_rule=dimension or lesser: the constant c of c·P/d_c")
     zo_lr_max: float = _f(
-        0.0, "zo_lr_rule=dimension: the largest zeroth-order rate (0: the first-order rate)"
+        0.0,
+        "zo_lr_rule=dimension or lesser: the largest zeroth-order rate (0: the first-order rate)",
     )
     zo_clip: float = _f(
         0.0,
@@ -261,8 +267,12 @@ class Config:
                 raise bad(key, "must be a finite number >= 0")
         if not 0 < self.zo_step < float("inf"):
             raise bad("zo_step", "must be a finite number > 0")
-        if self.zo_lr_rule == "output" and self.client_optimizer != "sgd":
-            raise bad("zo_lr_rule", "output sets an SGD rate: client_optimizer=sgd")
+        if self.zo_lr_rule in SIZED_RULES and self.client_optimizer != "sgd":
+            raise bad(
+                "zo_lr_rule",
+                f"{self.zo_lr_rule} sizes an SGD step: client_optimizer=sgd, or zo_lr_rule=fixed "
+                "or dimension",
+            )
         if not (self.server_average == -1 or 0 <= self.server_average < 1):
             raise bad("server_average", "must be in [0, 1) (0: off) or -1 (from the run's length)")
         if not (self.zo_clip == 0 or 1 <= self.zo_clip < float("inf")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from hosfl import devices, directions, zo
+from hosfl.config import SIZED_RULES
 from hosfl.methods.base import ClientRole
 from hosfl.methods.shard import concatenated, forward_group
 from hosfl.protocol import CutGradient, Message, SmashedData, StepPlan
@@ -68,15 +69,14 @@ class BatchedProbes(ClientRole):
         # each λ_m in float64 once for its P + 1 projections (the values are those alone)
         lams = [devices.to(m.lam, p[2].device).double() for m, p in zip(msgs, pending, strict=True)]
         bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
-        # f(θ) is not needed beyond λᵀ f(θ), as alone, but to size each probe's change
-        zs = [p[2] for p in pending] if lead.cfg.zo_lr_rule == "output" else []
-        norms = [zo.distance(zm) for zm in zs]
+        # f(θ) is not needed beyond λᵀ f(θ) and, as alone, a few rows to size the probes with
+        kept = [lead._sizing(p[2]) for p in pending] if lead.cfg.zo_lr_rule in SIZED_RULES else []
         del pending
         # the P probes first, then each client's P projections while its λ is in the cache
         probes = [lead._probe(x, seed, step).split(sizes) for seed in seeds]
         replies = []
         for m, (lam, base) in enumerate(zip(lams, bases, strict=True)):
             values = [lead._value(lam, zp[m], base) for zp in probes]
-            moved = [lead._size(zp[m], zs[m], norms[m]) for zp in probes] if zs else []
+            moved = [lead._size(zp[m], *kept[m]) for zp in probes] if kept else []
             replies.append(lead._reply(step, values, moved))
         return replies

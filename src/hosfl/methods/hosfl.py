@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hosfl import devices, directions, zo
-from hosfl.config import Config
+from hosfl.config import SIZED_RULES, Config
 from hosfl.methods.base import ClientRole
 from hosfl.methods.batched import BatchedProbes
 from hosfl.methods.controls import Bound, Rate
@@ -36,6 +36,9 @@ from hosfl.protocol import (
     SmashedData,
     StepPlan,
 )
+
+# the examples of a client's batch whose cut-layer change sizes each probe (``Rate``)
+SIZE_ROWS = 2
 
 
 class Client(BatchedProbes, ReplicaClient):
@@ -69,18 +72,27 @@ class Client(BatchedProbes, ReplicaClient):
             return zo.project(lam, probe)
         return zo.estimate(lam, probe, base)
 
-    def _size(self, probe: torch.Tensor, z: torch.Tensor, norm: float) -> float:
-        """``zo_lr_rule=output``: r = ‖f(θ + μu) − f(θ)‖ / ‖f(θ)‖ (or ‖μ·J_c u‖ / ‖f(θ)‖);
-        ``norm`` is ‖f(θ)‖, taken once a step."""
+    @staticmethod
+    def _sizing(z: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``zo_lr_rule=output``, ``lesser``: f(θ) of the batch's first ``SIZE_ROWS`` examples
+        and its norm, kept through the probes to size their change (all of f(θ) would cost a
+        client a second cut-layer output: 1.5× inference at EfficientNet's stem)."""
+        kept = z[:SIZE_ROWS].clone()
+        return kept, zo.distance(kept)
+
+    def _size(self, probe: torch.Tensor, kept: torch.Tensor, norm: float) -> float:
+        """r = ‖f(θ + μu) − f(θ)‖ / ‖f(θ)‖ (or ‖μ·J_c u‖ / ‖f(θ)‖) over the rows ``kept``;
+        ``norm`` is their ‖f(θ)‖, taken once a step."""
         if not norm:
             return 0.0
+        rows = probe[:SIZE_ROWS]
         if self.cfg.estimator == "jvp":
-            return zo.distance(probe) / norm
-        return zo.distance(probe, z) / norm
+            return zo.distance(rows) / norm
+        return zo.distance(rows, kept) / norm
 
     def _reply(self, step: int, values: list[float], sizes: list[float]) -> ProbeScalars:
         v = torch.tensor(values, dtype=torch.float32)
-        if self.cfg.zo_lr_rule != "output":
+        if self.cfg.zo_lr_rule not in SIZED_RULES:
             return ProbeScalars(step, v)
         return ProbeReport(step, v, torch.tensor(sizes, dtype=torch.float32))
 
@@ -106,16 +118,15 @@ class Client(BatchedProbes, ReplicaClient):
             if directions.simulated():  # no device's memory: λ in float64 once, not per probe
                 lam = lam.double()
             base = zo.project(lam, z)
-            sized = self.cfg.zo_lr_rule == "output"  # keeps f(θ) to size each probe's change
-            norm = zo.distance(z) if sized else 0.0
-            if not sized:
-                del z  # f(θ) is not needed beyond λᵀ f(θ): probes run in inference memory
+            sized = self.cfg.zo_lr_rule in SIZED_RULES  # sizes each probe's change
+            kept, norm = self._sizing(z) if sized else (None, 0.0)
+            del z  # beyond λᵀ f(θ) (and a few rows to size with): probes run in inference memory
             values, sizes = [], []
             for seed in seeds:
                 probe = self._probe(x, seed, step)
                 values.append(self._value(lam, probe, base))
                 if sized:
-                    sizes.append(self._size(probe, z, norm))
+                    sizes.append(self._size(probe, kept, norm))
                 del probe
             return self._reply(step, values, sizes)
         if isinstance(msg, ScalarBroadcast):  # every client applies the same update
@@ -137,13 +148,15 @@ class HOSFL(SplitMethod):
         # the server's record of θ_c; in-process every client role shares it
         self.hold(Replica(client_model, cfg))
         self.bound = Bound(cfg.zo_clip)
+        # output: at most the first-order rate; lesser: at most the dimension rule's (zo_lr)
         base = self.replica.optimizer.param_groups[0]["lr"]
         target = cfg.zo_step * math.sqrt(cfg.P / max(self.replica.size, 1))
-        self.rate = Rate(target, base, cfg.mu) if cfg.zo_lr_rule == "output" else None
+        self.rate = Rate(target, base, cfg.mu) if cfg.zo_lr_rule in SIZED_RULES else None
 
     @property
     def client_lr(self) -> float:
-        """The zeroth-order rate the clients step at (``zo_lr_rule=output``: so far)."""
+        """The zeroth-order rate the clients step at (``zo_lr_rule=output``, ``lesser``: so
+        far)."""
         if self.rate is not None:
             return self.rate.rate()
         return super().client_lr
@@ -151,6 +164,15 @@ class HOSFL(SplitMethod):
     def client(self, shard: Shard) -> ClientRole:
         self.expect_cut(shard)
         return Client(shard, self.replica, self.cfg)
+
+    def why_not(self, cid: int, msg: Message, step: int, kind: type) -> str | None:
+        why = super().why_not(cid, msg, step, kind)
+        if why is None and self.rate is not None and isinstance(msg, ProbeScalars):
+            if not isinstance(msg, ProbeReport):
+                return f"zo_lr_rule={self.cfg.zo_lr_rule}: expected the probes' sizes (ProbeReport)"
+            if msg.sizes.shape != (self.cfg.P,) or bool((msg.sizes < 0).any()):
+                return f"expected {self.cfg.P} probe sizes >= 0, got {msg.sizes.tolist()}"
+        return why
 
     def stateful(self) -> dict[str, Any]:
         # older checkpoints hold neither

@@ -25,7 +25,8 @@ ABSURD = 100.0  # an update moving θ_c by more than this many times |θ_c| is n
 
 def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
     """The learning rate of a zeroth-order part of d parameters: ``first_order_lr``, or with
-    ``zo_lr_rule=dimension`` zo_lr_scale·P/d, at most ``zo_lr_max`` (when set) and at most
+    ``zo_lr_rule=dimension`` (and ``lesser``, which HO-SFL lowers further where its probes
+    say so: ``controls.Rate``) zo_lr_scale·P/d, at most ``zo_lr_max`` (when set) and at most
     ``first_order_lr`` (never a larger step than first order's).
 
     The update moves each weight by lr·ĝ with E‖ĝ‖² ≈ (d/P)‖∇‖², so the harm it does grows as
@@ -33,7 +34,7 @@ def zo_lr(cfg: Config, d: int, first_order_lr: float) -> float:
     Fashion-MNIST CNNs: 0.05 at d_c = 4 800, 0.03 at 10 600; P = 5). Where a few weights matter
     far more than the rest (a pretrained network's early depthwise convolutions behind
     BatchNorm) the harm is large even where d is small, and ``zo_lr_max`` caps the rate."""
-    if cfg.zo_lr_rule == "dimension":
+    if cfg.zo_lr_rule in ("dimension", "lesser"):
         rule = cfg.zo_lr_scale * cfg.P / max(d, 1)
         return min(first_order_lr, rule, cfg.zo_lr_max or math.inf)
     return first_order_lr

@@ -23,7 +23,6 @@ from hosfl.protocol import (
     CutGradient,
     Message,
     ModelWeights,
-    ProbeReport,
     ProbeScalars,
     ScalarBroadcast,
     SmashedData,
@@ -189,11 +188,6 @@ class SplitMethod(Method):
                 return f"labels outside 0..{classes - 1}"
         if isinstance(msg, ProbeScalars) and msg.values.shape != (self.cfg.P,):
             return f"expected {self.cfg.P} probe scalars, got {tuple(msg.values.shape)}"
-        if isinstance(msg, ProbeScalars) and self.cfg.zo_lr_rule == "output":
-            if not isinstance(msg, ProbeReport):
-                return "zo_lr_rule=output: expected the probes' sizes (ProbeReport)"
-            if msg.sizes.shape != (self.cfg.P,) or bool((msg.sizes < 0).any()):
-                return f"expected {self.cfg.P} probe sizes >= 0, got {msg.sizes.tolist()}"
         if isinstance(msg, ModelWeights):
             d = sum(p.numel() for p in shared_state(self.client_model))
             if msg.weights.shape != (d,):

@@ -108,7 +108,7 @@ class ModelTask(Task):
       or ``client=`` and ``server=`` modules. A Hugging Face ``transformers`` model of a family
       that ``tasks.transformer`` knows is cut by layer instead (``cut=2``, ``"layer.1"``, or a
       layer's module name): the attention mask and positions cross with the hidden states,
-      and a pretrained one (``from_pretrained``) has ``zo_lr_rule=dimension`` by default.
+      and a pretrained one (``from_pretrained``) has ``zo_lr_rule=lesser`` by default.
       The weights are used as given: every run starts from a copy of them.
     - the data: (inputs, targets) tensors or any map-style ``Dataset`` for ``train`` and
       ``test``, partitioned among the clients by the config's partitioner; or ``train`` as a
@@ -171,8 +171,10 @@ class ModelTask(Task):
         self.defaults = {
             "cut": self.cut,
             # pretrained weights (from_pretrained): the rate rule of the built-in pretrained
-            # tasks; a fixed rate wrecks them, the output rule collapsed at MiniLM's layer 0
-            **({"zo_lr_rule": "dimension"} if transformer and model.name_or_path else {}),
+            # tasks (docs/FINDINGS.md); a fixed rate wrecks them, the output rule alone
+            # collapsed MiniLM cut at layers 0 and 3, the dimension rule alone hurt
+            # EfficientNet's conv_head
+            **({"zo_lr_rule": "lesser"} if transformer and model.name_or_path else {}),
             **({"clients": len(self._shards)} if self.per_client else {}),
             **(defaults or {}),
         }

@@ -223,7 +223,7 @@ class SentimentMiniLM(TextTask):
         "batch_size": 16,
         "steps": 300,
         "eval_every": 100,
-        "zo_lr_rule": "dimension",
+        "zo_lr_rule": "lesser",
         "freeze": "word_embeddings",  # 11.7 M of 22.7 M parameters, one row per token
         "lora_targets": "query,value",
     }
@@ -266,7 +266,7 @@ class GlueOpt125m(TextTask):
         "P": 2,
         "batch_size": 16,
         "steps": 1000,
-        "zo_lr_rule": "dimension",
+        "zo_lr_rule": "lesser",
         "freeze": "embed_tokens",
         "lora_targets": "q_proj,v_proj",
     }

@@ -59,7 +59,7 @@ class FashionMnistEffNet(Task):
     cuts = ("stem", *(f"blocks.{i}" for i in range(16)), "conv_head")
     defaults = {
         "cut": "blocks.2",
-        "zo_lr_rule": "dimension",
+        "zo_lr_rule": "lesser",
         # 50·P/d_c as for every task, and never above 10⁻⁴: behind BatchNorm with small
         # running variances the early depthwise convolutions move the cut layer tens to
         # hundreds of times more per unit of weight change than the other weights do; they are
@@ -194,7 +194,7 @@ class Cifar10ResNet18(Task):
         "cut": "layer2",
         "batch_size": 64,
         "lora_targets": "conv2",
-        "zo_lr_rule": "dimension",
+        "zo_lr_rule": "lesser",
     }
     weights_url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
     data_url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
