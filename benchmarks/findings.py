@@ -62,6 +62,7 @@ METHODS = [
      ("sentiment-minilm",)),
     # issue 26 item 3: how many steps the zeroth-order client needs at a deep cut
     ("hosfl-3000", ["method=hosfl", "steps=3000"], ("sentiment-minilm",)),
+    ("frozen-3000", ["method=frozen", "steps=3000"], ("sentiment-minilm",)),
     ("hosfl-lora-3000", ["method=hosfl", "lora=client", "steps=3000"], ("sentiment-minilm",)),
     ("hosfl-output-3000", ["method=hosfl", "zo_lr_rule=output", "steps=3000"],
      ("sentiment-minilm",)),
@@ -84,7 +85,8 @@ METHODS = [
     *((f"{n}-cos", [f"method={n}", "server_schedule=cosine", CONST], ()) for n in SERVER),
     *((f"{n}-avg", [f"method={n}", "server_average=0.99"], ()) for n in SERVER),
 ]
-SERVER_SUFFIXES = ("-const", "-cos", "-avg")
+# the suffixes whose baselines carry the same suffix (the same server, or the same length)
+SERVER_SUFFIXES = ("-const", "-cos", "-avg", "-3000")
 MARGIN = 0.01  # the least lead of SplitFed V1 over the frozen client a gain is computed on
 
 
