@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from hosfl import devices, directions, zo
-from hosfl.config import SIZED_RULES
 from hosfl.methods.base import ClientRole
 from hosfl.methods.shard import concatenated, forward_group
 from hosfl.protocol import CutGradient, Message, SmashedData, StepPlan
@@ -70,7 +69,7 @@ class BatchedProbes(ClientRole):
         lams = [devices.to(m.lam, p[2].device).double() for m, p in zip(msgs, pending, strict=True)]
         bases = [zo.project(lam, p[2]) for lam, p in zip(lams, pending, strict=True)]
         # f(θ) is not needed beyond λᵀ f(θ) and, as alone, a few rows to size the probes with
-        kept = [lead._sizing(p[2]) for p in pending] if lead.cfg.zo_lr_rule in SIZED_RULES else []
+        kept = [lead._sizing(p[2]) for p in pending] if lead.sized else []
         del pending
         # the P probes first, then each client's P projections while its λ is in the cache
         probes = [lead._probe(x, seed, step).split(sizes) for seed in seeds]

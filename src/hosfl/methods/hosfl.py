@@ -46,6 +46,7 @@ class Client(BatchedProbes, ReplicaClient):
         super().__init__(shard, replica, cfg)
         self._pending: tuple[int, torch.Tensor, torch.Tensor, list[int]] | None = None
         self.bf16 = cfg.client_dtype == "bfloat16"
+        self.sized = cfg.zo_lr_rule in SIZED_RULES  # reports how far each probe moved f(θ)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """f_c(x; θ), in bfloat16 autocast where asked; the smashed data leaves as float32."""
@@ -92,7 +93,7 @@ class Client(BatchedProbes, ReplicaClient):
 
     def _reply(self, step: int, values: list[float], sizes: list[float]) -> ProbeScalars:
         v = torch.tensor(values, dtype=torch.float32)
-        if self.cfg.zo_lr_rule not in SIZED_RULES:
+        if not self.sized:
             return ProbeScalars(step, v)
         return ProbeReport(step, v, torch.tensor(sizes, dtype=torch.float32))
 
@@ -118,14 +119,13 @@ class Client(BatchedProbes, ReplicaClient):
             if directions.simulated():  # no device's memory: λ in float64 once, not per probe
                 lam = lam.double()
             base = zo.project(lam, z)
-            sized = self.cfg.zo_lr_rule in SIZED_RULES  # sizes each probe's change
-            kept, norm = self._sizing(z) if sized else (None, 0.0)
+            kept, norm = self._sizing(z) if self.sized else (None, 0.0)
             del z  # beyond λᵀ f(θ) (and a few rows to size with): probes run in inference memory
             values, sizes = [], []
             for seed in seeds:
                 probe = self._probe(x, seed, step)
                 values.append(self._value(lam, probe, base))
-                if sized:
+                if self.sized:
                     sizes.append(self._size(probe, kept, norm))
                 del probe
             return self._reply(step, values, sizes)
